@@ -1,0 +1,324 @@
+"""The run configuration: structured dataclasses (the schema), YAML loading and `key=value` overrides.
+
+    cfg = load_config("conf/tiny_cpu.yaml", ["loss=dppo_binary_kl", "train.lr=1e-4"])
+
+- A YAML may start with `defaults: [other.yaml, ...]` (paths relative to it), merged first, in order.
+- Overrides use Hydra's grammar. `SECTION=NAME` with a string value loads the preset `conf/SECTION/NAME.yaml`
+  (so `loss=grpo_clip_higher` switches the whole loss section).
+- Unknown keys and wrong types fail with one `ConfigError` line naming the key and the closest valid keys.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from nemo_dppo.advantages import ADVANTAGE_ESTIMATORS
+from nemo_dppo.losses.config import LossConfig
+
+#: Presets shipped with the project (conf/ next to the package in a source checkout / editable install).
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+DEFAULT_CONFIG = CONF_DIR / "tiny_cpu.yaml"
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or override; its message is one line."""
+
+
+def _one_of(section: str, name: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{section}.{name}={value!r} is not one of {', '.join(choices)}")
+
+
+def _positive(section: str, **values: float) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise ConfigError(f"{section}.{name}={value} must be > 0")
+
+
+@dataclass
+class ModelConfig:
+    """The policy. `path`: an HF model directory (e.g. Qwen3-30B-A3B-Base); None builds the tiny Qwen3-MoE below."""
+
+    path: str | None = None
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_heads: int = 2
+    num_kv_heads: int = 1
+    head_dim: int = 32
+    num_experts: int = 8
+    experts_per_token: int = 2
+    moe_intermediate_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(
+            "model",
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            num_experts=self.num_experts,
+            experts_per_token=self.experts_per_token,
+            moe_intermediate_size=self.moe_intermediate_size,
+        )
+        if self.experts_per_token > self.num_experts:
+            raise ConfigError(
+                f"model.experts_per_token={self.experts_per_token} exceeds model.num_experts={self.num_experts}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"model.num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+
+
+@dataclass
+class TaskConfig:
+    """The synthetic verifiable task (rule-based reward, +1 / −1 by default)."""
+
+    name: str = "arithmetic"
+    num_digits: int = 2
+    ops: list[str] = field(default_factory=lambda: ["+"])
+    seed: int = 0
+    num_eval_prompts: int = 64
+    reward_correct: float = 1.0
+    reward_wrong: float = -1.0
+
+    def __post_init__(self) -> None:
+        _one_of("task", "name", self.name, ("arithmetic",))
+        _positive("task", num_digits=self.num_digits, num_eval_prompts=self.num_eval_prompts)
+        for op in self.ops:
+            _one_of("task", "ops[]", op, ("+", "-", "*"))
+
+
+@dataclass
+class WarmStartConfig:
+    """Supervised warm-start of the tiny policy (no pretrained weights can be downloaded); cached by config."""
+
+    enabled: bool = True
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 3e-3
+    cache_dir: str = "~/.cache/nemo_dppo/warm_start"
+
+    def __post_init__(self) -> None:
+        _positive("warm_start", steps=self.steps, batch_size=self.batch_size, lr=self.lr)
+
+
+@dataclass
+class RolloutConfig:
+    """The rollout engine (behaviour policy μ). `logprobs_topk`: K; None → 20 for Top-K loss modes, else 0."""
+
+    engine: str = "hf"
+    dtype: str = "bf16"
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 8
+    logprobs_topk: int | None = None
+    router_replay: bool = False
+
+    def __post_init__(self) -> None:
+        _one_of("rollout", "engine", self.engine, ("hf", "vllm"))
+        _one_of("rollout", "dtype", self.dtype, DTYPES)
+        _positive("rollout", n=self.n, temperature=self.temperature, max_new_tokens=self.max_new_tokens)
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"rollout.top_p={self.top_p} must be in (0, 1]")
+        if self.logprobs_topk is not None and self.logprobs_topk < 0:
+            raise ConfigError(f"rollout.logprobs_topk={self.logprobs_topk} must be ≥ 0")
+
+
+@dataclass
+class TrainConfig:
+    """The training engine (policy π): optimiser and batch layout.
+
+    Each rollout step has `prompts_per_step × rollout.n` samples, split into `mini_batches` optimiser steps (the
+    paper: 8), so later mini-batches are off-policy. `micro_batch_size` bounds one forward (gradient accumulation).
+    """
+
+    backend: str = "hf"
+    precision: str = "fp32"
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    prompts_per_step: int = 16
+    mini_batches: int = 8
+    micro_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _one_of("train", "backend", self.backend, ("hf", "megatron"))
+        _one_of("train", "precision", self.precision, DTYPES)
+        _positive("train", lr=self.lr, grad_clip=self.grad_clip, prompts_per_step=self.prompts_per_step)
+        _positive("train", mini_batches=self.mini_batches)
+        if self.micro_batch_size is not None:
+            _positive("train", micro_batch_size=self.micro_batch_size)
+
+
+@dataclass
+class AdvantageConfig:
+    estimator: str = "dr_grpo"
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _one_of("advantage", "estimator", self.estimator, list(ADVANTAGE_ESTIMATORS))
+
+
+@dataclass
+class Config:
+    """A whole run. `run_dir` holds metrics, TensorBoard logs, checkpoints, plots and the report."""
+
+    run_dir: str = "runs/default"
+    seed: int = 0
+    steps: int = 40
+    eval_every: int = 10
+    save_every: int = 20
+    keep_checkpoints: int = 2
+    resume: bool = False
+    progress: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+
+    def __post_init__(self) -> None:
+        _positive("run", steps=self.steps, eval_every=self.eval_every, save_every=self.save_every)
+        _positive("run", keep_checkpoints=self.keep_checkpoints)
+        samples = self.train.prompts_per_step * self.rollout.n
+        if samples % self.train.mini_batches:
+            raise ConfigError(
+                f"train.prompts_per_step × rollout.n = {samples} samples is not divisible by "
+                f"train.mini_batches={self.train.mini_batches}"
+            )
+
+
+# --- Loading -------------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Schema ← YAML (with its `defaults:`) ← overrides, validated; returns a `Config` instance."""
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        cfg = _merge(cfg, _load_yaml(Path(path)), f"config file {path}")
+    for key, value in _parse_overrides(overrides):
+        cfg = _merge(cfg, _override_as_dict(cfg, key, value), f"override {key}={value}")
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_one_line(err)) from None
+    except ValueError as err:  # __post_init__ validation (ConfigError and LossConfig's ValueError)
+        raise ConfigError(str(err)) from None
+    assert isinstance(obj, Config)
+    return obj
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _load_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in _seen:
+        raise ConfigError(f"config file {path} includes itself through `defaults:`")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {_one_line(err)}") from None
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got a list")
+    defaults = raw.pop("defaults", [])
+    if isinstance(defaults, str):
+        defaults = [defaults]
+    merged = OmegaConf.create()
+    for entry in defaults:
+        merged = OmegaConf.merge(merged, _load_yaml(path.parent / str(entry), (*_seen, path.resolve())))
+    return OmegaConf.merge(merged, raw)
+
+
+def _parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    parsed = []
+    for text in overrides:
+        try:
+            (override,) = parser.parse_overrides([text])
+        except HydraException as err:
+            raise ConfigError(f"cannot parse override {text!r}: {_one_line(err)} (expected key=value)") from None
+        if override.is_sweep_override() or override.is_delete() or override.is_add():
+            raise ConfigError(f"override {text!r}: only plain key=value overrides are supported")
+        value = override.value()
+        parsed.append((override.key_or_group, _plain(value)))
+    return parsed
+
+
+def _plain(value: Any) -> Any:
+    """Hydra's parsed values (lists, dicts of them) → plain Python containers."""
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _override_as_dict(cfg: DictConfig, key: str, value: Any) -> DictConfig:
+    """`a.b=v` → {a: {b: v}}; `SECTION=NAME` (a section given a string) → the preset conf/SECTION/NAME.yaml."""
+    node = OmegaConf.select(cfg, key, throw_on_missing=False)
+    if isinstance(node, DictConfig) and isinstance(value, str):
+        preset = CONF_DIR / key.replace(".", "/") / f"{value}.yaml"
+        if not preset.is_file():
+            available = sorted(p.stem for p in preset.parent.glob("*.yaml"))
+            raise ConfigError(
+                f"override {key}={value}: no preset {preset}; available {key} presets: {', '.join(available) or 'none'}"
+            )
+        loaded = _load_yaml(preset)
+        return loaded if key in loaded else OmegaConf.create({key: loaded})
+    nested: Any = value
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    return OmegaConf.create(nested)
+
+
+def _merge(cfg: DictConfig, update: DictConfig, origin: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(cfg, update)
+    except ConfigKeyError as err:
+        raise ConfigError(f"{origin}: {_unknown_key_message(err)}") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{origin}: {_one_line(err)}") from None
+
+
+def _unknown_key_message(err: ConfigKeyError) -> str:
+    full_key = str(getattr(err, "full_key", "") or "")
+    bad = full_key.rsplit(".", 1)[-1] if full_key else str(getattr(err, "key", "?"))
+    parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
+    valid = _valid_keys(parent)
+    close = difflib.get_close_matches(bad, valid, n=3, cutoff=0.5)
+    where = f"'{parent}'" if parent else "the top level"
+    hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+    return f"unknown key {full_key or bad!r} — {hint}valid keys in {where}: {', '.join(valid)}"
+
+
+def _valid_keys(dotted: str) -> list[str]:
+    node: Any = OmegaConf.structured(Config)
+    for part in filter(None, dotted.split(".")):
+        node = node.get(part) if isinstance(node, DictConfig) else None
+    return [str(k) for k in node] if isinstance(node, DictConfig) else []
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
