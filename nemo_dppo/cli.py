@@ -9,7 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from nemo_dppo.config import ConfigError
+from nemo_dppo.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from nemo_dppo.plots import plot_runs
 
             plot_runs(args.run_dirs, args.out)
-    except (ConfigError, FileNotFoundError) as err:
+    except (UserError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

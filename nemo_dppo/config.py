@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from nemo_dppo.advantages import ADVANTAGE_ESTIMATORS
+from nemo_dppo.errors import UserError
 from nemo_dppo.losses.config import LossConfig
 
 #: Presets shipped with the project (conf/ next to the package in a source checkout / editable install).
@@ -28,7 +29,7 @@ DEFAULT_CONFIG = CONF_DIR / "tiny_cpu.yaml"
 DTYPES = ("fp32", "bf16", "fp16")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A user error in a config file or override; its message is one line."""
 
 
@@ -56,6 +57,7 @@ class ModelConfig:
     num_experts: int = 8
     experts_per_token: int = 2
     moe_intermediate_size: int = 64
+    init_std: float = 0.02
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -77,7 +77,7 @@ def main() -> None:
     table.add_column("× ppo_clip", justify="right")
     for mode in modes:
         table.add_row(mode, f"{median[mode] * 1e3:.1f}", f"{median[mode] / median['ppo_clip']:.3f}")
-    Console().print(table)
+    Console(width=140).print(table)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,44 @@
+"""Shared fixtures: a per-session warm-start cache and a tiny, fast run config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nemo_dppo.config import Config, load_config
+
+#: Small enough for a few seconds per run on 2 cores; still the full machinery (MoE, bf16 rollout, 2 mini-batches).
+TINY_TEST_OVERRIDES = [
+    "steps=3",
+    "eval_every=2",
+    "save_every=2",
+    "progress=false",
+    "model.hidden_size=64",
+    "task.num_eval_prompts=8",
+    "task.num_digits=1",
+    "warm_start.steps=30",
+    "rollout.n=4",
+    "rollout.max_new_tokens=4",
+    "train.prompts_per_step=4",
+    "train.mini_batches=2",
+    "train.lr=1e-3",
+]
+
+
+@pytest.fixture(scope="session")
+def warm_start_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("warm_start_cache")
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path: Path, warm_start_cache: Path) -> list[str]:
+    return [*TINY_TEST_OVERRIDES, f"run_dir={tmp_path / 'run'}", f"warm_start.cache_dir={warm_start_cache}"]
+
+
+@pytest.fixture
+def tiny_config(tiny_overrides: list[str]):
+    def make(*extra: str) -> Config:
+        return load_config(None, [*tiny_overrides, *extra])
+
+    return make
