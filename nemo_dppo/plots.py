@@ -37,6 +37,8 @@ ROUTING = "routing/disagreement"
 MASK_FRACS = {"loss/mask_frac": "all", "loss/mask_frac_pos": "A > 0", "loss/mask_frac_neg": "A < 0"}
 STEP_TIME = "time/step"
 TIME_PREFIX = "time/"
+#: Phases in pipeline order (stack order of the time plot); phases not listed follow, sorted by name.
+PHASE_ORDER = ("time/rollout", "time/logprob", "time/train", "time/sync")
 
 #: Dotted config keys shown in the report (those present in config.yaml; every `loss.*` key is shown too).
 KEY_HYPERPARAMETERS = (
@@ -157,7 +159,8 @@ def _save(fig: Figure, any_drawn: bool, path: Path, written: list[Path]) -> None
 
 def _phase_keys(runs: Sequence[Run]) -> list[str]:
     keys = set().union(*(run.keys() for run in runs))
-    return sorted(k for k in keys if k.startswith(TIME_PREFIX) and k != STEP_TIME)
+    phases = [k for k in keys if k.startswith(TIME_PREFIX) and k != STEP_TIME]
+    return sorted(phases, key=lambda k: (PHASE_ORDER.index(k) if k in PHASE_ORDER else len(PHASE_ORDER), k))
 
 
 def _draw_single(run: Run, out_dir: Path) -> list[Path]:

@@ -95,7 +95,11 @@ def _write_atomically(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 class RunLogger:
-    """Appends one metrics record per step to `RUN_DIR/metrics.jsonl` and to TensorBoard (context manager)."""
+    """Appends one metrics record per step to `RUN_DIR/metrics.jsonl` and to TensorBoard (context manager).
+
+    `resume_from_step=None` appends to whatever is there; `s` keeps only steps ≤ s; `-1` starts over (a fresh run
+    in a used run dir: every old line and TensorBoard event is dropped).
+    """
 
     def __init__(
         self, run_dir: str | os.PathLike[str], tensorboard: bool = True, resume_from_step: int | None = None
