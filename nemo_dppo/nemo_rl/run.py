@@ -1,0 +1,180 @@
+"""`python -m nemo_dppo.nemo_rl.run CONFIG [KEY=VALUE ...]`: NeMo-RL's GRPO training with `DPPOLossFn` as the loss.
+
+Mirrors NeMo-RL's `examples/run_grpo.py` (v0.6 / v0.7; `run_grpo_math.py` in v0.5): load the config with its
+`defaults:` and Hydra overrides → `init_ray` → tokenizer → generation config → datasets and environments →
+`setup(...)` → **replace the returned ClippedPGLossFn by DPPOLossFn** → `grpo_train(...)`. Before anything starts
+the recipe is validated (`nemo_dppo.nemo_rl.recipe_validator`); for Top-K modes the Top-K plumbing is installed
+(`nemo_dppo.nemo_rl.topk_plumbing`) before Ray starts, so the workers inherit K.
+
+Errors a user can fix (bad recipe, NeMo-RL missing or too old) print one `error:` line and exit 2.
+
+Installing NeMo-RL (it is not on PyPI) and nemo-dppo next to it:
+
+    # NeMo-RL's NGC container (CUDA, vLLM, Megatron and the workers' venvs prebuilt), with a NeMo-RL checkout
+    # mounted at /opt/nemo-rl as its docs describe, and nemo-dppo mounted next to it:
+    docker run --rm -it --gpus all --shm-size=64g -v $PWD/nemo-rl:/opt/nemo-rl -v $PWD/nemo-dppo:/opt/nemo-dppo \
+        -w /opt/nemo-rl nvcr.io/nvidia/nemo-rl:latest bash
+    # (bare metal: git clone --recursive https://github.com/NVIDIA-NeMo/RL and follow its installation guide)
+
+    # nemo-dppo must be importable in the driver and in every Ray worker (the vLLM workers import
+    # nemo_dppo.nemo_rl.vllm_worker for Top-K modes, the Megatron workers unpickle DPPOLossFn):
+    export PYTHONPATH=/opt/nemo-dppo:$PYTHONPATH    # NeMo-RL forwards the driver's environment to its workers
+    # (or `uv pip install --no-deps -e /opt/nemo-dppo` into each worker venv; the loss needs only torch)
+
+    uv run python -m nemo_dppo.nemo_rl.run /opt/nemo-dppo/conf/nemo_rl/qwen3_30b_a3b_base.yaml \
+        loss_fn.mode=dppo_binary_kl
+
+On a Slurm cluster launch it through NeMo-RL's `ray.sub` (`COMMAND="uv run python -m nemo_dppo.nemo_rl.run ..."
+CONTAINER=... MOUNTS=... sbatch --nodes=2 ray.sub`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from nemo_dppo.nemo_rl.loss import DPPOLossFn
+from nemo_dppo.nemo_rl.loss_settings import LossSettingsError
+from nemo_dppo.nemo_rl.recipe_loading import RecipeLoadError, register_resolvers
+from nemo_dppo.nemo_rl.recipe_validator import RecipeError, validate_file
+from nemo_dppo.nemo_rl.topk_plumbing import PlumbingError, install_topk_plumbing
+
+INSTALL_HINT = (
+    "NeMo-RL is not installed (it is not on PyPI): run inside NeMo-RL's container (docker pull "
+    "nvcr.io/nvidia/nemo-rl:latest) or a git checkout (git clone --recursive https://github.com/NVIDIA-NeMo/RL, then "
+    "`uv run python -m nemo_dppo.nemo_rl.run ...` from it), with nemo-dppo on PYTHONPATH"
+)
+
+
+class NemoRLUnavailable(RuntimeError):
+    """NeMo-RL is missing, broken or older than this entry point supports; the message is one line."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nemo_dppo.nemo_rl.run", description=__doc__.splitlines()[0])
+    parser.add_argument("config", metavar="CONFIG", help="recipe YAML in NeMo-RL's format (conf/nemo_rl/*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra-grammar overrides")
+    args = parser.parse_args(argv)
+    try:
+        summary = validate_file(args.config, args.overrides)
+        print(f"recipe {args.config}: {summary.line()}", flush=True)
+        grpo = import_nemo_rl()
+        run_grpo(grpo, args.config, args.overrides)
+    except (RecipeError, RecipeLoadError, LossSettingsError, PlumbingError, NemoRLUnavailable) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def import_nemo_rl() -> Any:
+    """NeMo-RL's `nemo_rl.algorithms.grpo` module, or `NemoRLUnavailable` with the install hint."""
+    try:
+        return importlib.import_module("nemo_rl.algorithms.grpo")
+    except ModuleNotFoundError as error:
+        if error.name is not None and error.name.split(".")[0] == "nemo_rl":
+            raise NemoRLUnavailable(INSTALL_HINT) from None
+        raise NemoRLUnavailable(f"NeMo-RL is installed but cannot be imported: {error}") from None
+    except ImportError as error:
+        raise NemoRLUnavailable(f"NeMo-RL is installed but cannot be imported: {error}") from None
+
+
+def run_grpo(grpo: Any, config_path: str, overrides: Sequence[str]) -> None:
+    """NeMo-RL's GRPO entry point with the loss replaced (see the module docstring)."""
+    from omegaconf import OmegaConf
+
+    config_utils = _nemo_rl_module("nemo_rl.utils.config")
+    getattr(config_utils, "register_omegaconf_resolvers", register_resolvers)()
+    config = config_utils.load_config(config_path)
+    if overrides:
+        config = config_utils.parse_hydra_overrides(config, list(overrides))
+    plain = OmegaConf.to_container(config, resolve=True)
+    assert isinstance(plain, dict)
+    loss_fn = DPPOLossFn(plain["loss_fn"], max_new_tokens=plain["policy"]["generation"]["max_new_tokens"])
+    master = _master_config(grpo, plain)
+
+    logger_config = _section(master, "logger")
+    logger_config["log_dir"] = _nemo_rl_module("nemo_rl.utils.logger").get_next_experiment_dir(logger_config["log_dir"])
+    if loss_fn.topk:
+        install_topk_plumbing(loss_fn.topk)  # before Ray starts: the workers inherit K through the environment
+    _nemo_rl_module("nemo_rl.distributed.virtual_cluster").init_ray()
+
+    policy = _section(master, "policy")
+    tokenizer = _nemo_rl_module("nemo_rl.algorithms.utils").get_tokenizer(policy["tokenizer"])
+    policy["generation"] = _configure_generation(policy, tokenizer)
+    setup_response_data = _nemo_rl_attr("nemo_rl.data.utils", "setup_response_data")
+    dataset, val_dataset, task_to_env, val_task_to_env = setup_response_data(
+        tokenizer, _section(master, "data"), _section(master, "env")
+    )
+    outputs = list(grpo.setup(master, tokenizer, dataset, val_dataset))
+    at = _loss_position(outputs)
+    print(f"loss: {loss_fn!r} replaces NeMo-RL's {type(outputs[at]).__name__}", flush=True)
+    outputs[at] = loss_fn
+    grpo.grpo_train(
+        outputs[0],  # policy
+        outputs[1],  # policy_generation
+        outputs[at - 2],  # dataloader
+        outputs[at - 1],  # val_dataloader
+        tokenizer,
+        loss_fn,
+        task_to_env,
+        val_task_to_env,
+        *outputs[at + 1 : at + 5],  # logger, checkpointer, grpo_save_state, master_config
+    )
+
+
+def _master_config(grpo: Any, plain: dict[str, Any]) -> Any:
+    """NeMo-RL ≥ 0.7's `MasterConfig` is a pydantic model built from the dict; older versions use the dict."""
+    master_cls = getattr(grpo, "MasterConfig", None)
+    if master_cls is not None and hasattr(master_cls, "model_validate"):
+        return master_cls(**plain)
+    return plain
+
+
+def _section(master: Any, name: str) -> Any:
+    return master[name] if isinstance(master, Mapping) else getattr(master, name)
+
+
+def _configure_generation(policy: Any, tokenizer: Any) -> Any:
+    """`configure_generation_config` with the keyword arguments the installed version accepts."""
+    configure = _nemo_rl_attr("nemo_rl.models.generation", "configure_generation_config")
+    extra = {
+        "has_refit_draft_weights": bool((policy.get("draft") or {}).get("enabled", False)),
+        "trains_mtp": bool((policy.get("megatron_cfg") or {}).get("mtp_num_layers")),
+    }
+    accepted = inspect.signature(configure).parameters
+    return configure(policy["generation"], tokenizer, **{k: v for k, v in extra.items() if k in accepted})
+
+
+def _loss_position(outputs: list[Any]) -> int:
+    """Where `setup()` returned its loss: (v0.5/v0.6: 10 values, v0.7: 13) — found by type, not by position."""
+    for index, value in enumerate(outputs):
+        if type(value).__name__ == "ClippedPGLossFn":
+            if index < 4 or index + 4 >= len(outputs):
+                break
+            return index
+    raise NemoRLUnavailable(
+        "NeMo-RL's setup() did not return its ClippedPGLossFn where expected; this entry point supports NeMo-RL "
+        "0.6–0.7 (use DPPOLossFn in your own copy of examples/run_grpo.py otherwise)"
+    )
+
+
+def _nemo_rl_module(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        raise NemoRLUnavailable(f"this entry point needs NeMo-RL ≥ 0.6: cannot import {name} ({error})") from None
+
+
+def _nemo_rl_attr(module: str, name: str) -> Any:
+    found = getattr(_nemo_rl_module(module), name, None)
+    if found is None:
+        raise NemoRLUnavailable(f"this entry point needs NeMo-RL ≥ 0.6: {module}.{name} does not exist")
+    return found
+
+
+if __name__ == "__main__":
+    sys.exit(main())
