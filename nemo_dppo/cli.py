@@ -1,4 +1,4 @@
-"""The `nemo-dppo` command: `train`, `plot`, `demo`.
+"""The `nemo-dppo` command: `train`, `eval`, `plot`, `demo`.
 
 User errors (bad config, missing paths) print one `error:` line and exit with status 2, without a traceback.
 """
@@ -24,6 +24,23 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", default=None, help="output directory (default: the first run's plots/)")
 
     sub.add_parser("demo", help="the paper's two examples through PPO and DPPO masks")
+
+    ev = sub.add_parser("eval", help="avg@k / pass@k of a checkpoint on a prompt file (e.g. AIME 2024)")
+    ev.add_argument("checkpoint", help="HF model dir, run checkpoint RUN_DIR/checkpoints/step_N, or run dir (latest)")
+    ev.add_argument("--data", required=True, help="prompt file (tools/prepare_data.py output, or a raw AIME file)")
+    ev.add_argument("--k", type=int, default=32, help="samples per problem (default: 32)")
+    ev.add_argument("--max-new-tokens", type=int, default=4096, help="response budget (default: 4096)")
+    ev.add_argument("--temperature", type=float, default=1.0, help="default: 1.0 (the paper)")
+    ev.add_argument("--top-p", type=float, default=1.0, help="default: 1.0 (the paper)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--batch-size", type=int, default=8, help="prompts per engine call, k samples each (default: 8)")
+    ev.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    ev.add_argument("--engine", default="hf", help="rollout engine (default: hf)")
+    ev.add_argument("--chat-template", default="auto", choices=["auto", "on", "off"])
+    ev.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    ev.add_argument("--out", default=None, help="output directory (default: RUN_DIR/eval/STEP-DATA-kK)")
+    ev.add_argument("--save-responses", action="store_true", help="also write every sample to responses.jsonl")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -47,6 +64,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             path, overrides = split_config_args(args.args)
             train(load_config(path or DEFAULT_CONFIG, overrides))
+        elif args.command == "eval":
+            from nemo_dppo.evaluate import run_eval
+
+            result = run_eval(
+                args.checkpoint,
+                args.data,
+                k=args.k,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                dtype=args.dtype,
+                engine=args.engine,
+                chat_template=args.chat_template,
+                limit=args.limit,
+                out_dir=args.out,
+                save_responses=args.save_responses,
+                progress=not args.no_progress,
+            )
+            print(result.summary())
         elif args.command == "plot":
             from nemo_dppo.plots import plot_runs
 

@@ -2,6 +2,6 @@
 # The README's test command: install the project (CPU torch pinned) and run the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-python -m pip install -q -c constraints-cpu.txt -e ".[dev]"
+python -m pip install -q -c constraints-cpu.txt -e ".[dev,math]"
 python -m ruff check .
 python -m pytest -q "$@"
