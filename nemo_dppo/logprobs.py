@@ -1,5 +1,9 @@
 """Log π of the sampled tokens (with gradient), π at the rollout's Top-K ids and the entropy (without) from logits.
 
+`gather_logprobs` is the plain autograd formulation, kept as the readable reference that tests and
+`tools/bench_topk.py` compare against; the engines use `nemo_dppo.distributed.vocab_parallel.vocab_parallel_logprobs`
+(same values, exact hand-written backward, less memory, also for vocabulary-sharded logits).
+
 Works chunk by chunk over tokens on the logits the forward already holds: log-probs are gathered logits minus a
 logsumexp, so no full fp32 [tokens, vocab] log-softmax is materialised next to the logits. Logits are divided by
 the rollout temperature first, like the distribution μ was sampled from.

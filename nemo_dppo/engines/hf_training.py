@@ -17,8 +17,9 @@ from torch import nn
 
 from nemo_dppo.batching import RolloutBatch
 from nemo_dppo.config import TrainConfig
+from nemo_dppo.distributed.vocab_parallel import vocab_parallel_logprobs
 from nemo_dppo.errors import TrainingDiverged
-from nemo_dppo.logprobs import TokenLogprobs, gather_logprobs
+from nemo_dppo.logprobs import TokenLogprobs
 from nemo_dppo.losses import LossConfig, compute_policy_loss
 from nemo_dppo.losses.modes import get_mode
 from nemo_dppo.moe.router_replay import RouterRecorder, RouterReplay, moe_blocks, routing_disagreement
@@ -68,12 +69,19 @@ class HFTrainingEngine:
         """One forward over `batch` (with gradient when grad mode is on), in target coordinates [N, S-1]."""
         with self._routing(batch) as routing, self._autocast():
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            token = gather_logprobs(
-                logits[:, :-1],
-                batch.target_ids,
-                topk_ids=batch.topk_ids if with_topk else None,
+            # Targets are padded by one position instead of slicing the logits: a [:, :-1] slice of [N, S, V]
+            # cannot be flattened without copying the whole tensor. The extra last position is dropped after.
+            token = vocab_parallel_logprobs(  # the whole vocabulary on this process (group=None)
+                logits,
+                _pad_last(batch.target_ids),
+                topk_ids=_pad_last(batch.topk_ids) if with_topk and batch.topk_ids is not None else None,
                 temperature=self.temperature,
                 with_entropy=with_entropy,
+            )
+            token = TokenLogprobs(
+                logprobs=token.logprobs[:, :-1],
+                topk_logprobs=None if token.topk_logprobs is None else token.topk_logprobs[:, :-1],
+                entropy=None if token.entropy is None else token.entropy[:, :-1],
             )
             used, own = routing() if routing is not None else (None, None)
         return ForwardResult(token, used, own)
@@ -176,6 +184,11 @@ def combine_metrics(parts: list[tuple[dict[str, float], float]]) -> dict[str, fl
         else:
             out[key] = sum(m[key] * w for m, w in parts) / total
     return out
+
+
+def _pad_last(ids: torch.Tensor) -> torch.Tensor:
+    """[N, S-1, ...] target ids → [N, S, ...] with a dummy id 0 at the last position."""
+    return torch.cat([ids, ids.new_zeros(ids.shape[0], 1, *ids.shape[2:])], dim=1)
 
 
 def _has_moe(model: nn.Module) -> bool:
