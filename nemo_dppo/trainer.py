@@ -7,6 +7,7 @@ respect to μ — exactly the regime the trust region is for.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import transformers
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from nemo_dppo import launch
 from nemo_dppo.advantages import compute_advantages
 from nemo_dppo.batching import RolloutBatch, collate_rollouts
 from nemo_dppo.checkpoint import CheckpointManager, TrainerState, set_rng_state
@@ -30,6 +32,7 @@ from nemo_dppo.engines.hf_training import HFTrainingEngine
 from nemo_dppo.errors import UserError
 from nemo_dppo.losses import compute_policy_loss
 from nemo_dppo.losses.modes import get_mode
+from nemo_dppo.megatron.job import Job
 from nemo_dppo.models.tiny_moe import load_model_dir
 from nemo_dppo.run_logger import RunLogger
 from nemo_dppo.tasks.arithmetic import ArithmeticTask, Problem, reward
@@ -40,10 +43,13 @@ DEFAULT_TOPK = 20
 
 
 class Trainer:
+    """The RL loop. With `train.backend=megatron` every rank of the job builds one (its shard of the policy);
+    rank 0 alone owns the rollout engine, evaluation, logging and checkpoint writing, and broadcasts each step's
+    rollout batch to the other ranks (`nemo_dppo.megatron.job`)."""
+
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.console = Console(stderr=True)
         self.mode = get_mode(cfg.loss.mode)
         self.topk = cfg.rollout.logprobs_topk if cfg.rollout.logprobs_topk is not None else 0
@@ -51,65 +57,105 @@ class Trainer:
             self.topk = DEFAULT_TOPK
         if self.mode.needs_topk and self.topk == 0:
             raise UserError(f"loss.mode={cfg.loss.mode} needs Top-K log-probs; set rollout.logprobs_topk > 0")
-        if cfg.rollout.engine != "hf" or cfg.train.backend != "hf":
-            raise UserError(
-                f"rollout.engine={cfg.rollout.engine} / train.backend={cfg.train.backend}: this build runs the "
-                "'hf' engines only"
-            )
-        self.checkpoints = CheckpointManager(self.run_dir, keep=cfg.keep_checkpoints)
+        if cfg.rollout.engine != "hf":
+            raise UserError(f"rollout.engine={cfg.rollout.engine}: this build runs the 'hf' rollout engine only")
+        self.job = Job.start(cfg)  # joins the process group of a multi-rank Megatron job (one rank: no-op)
+        if self.job.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoints = CheckpointManager(self.run_dir, keep=cfg.keep_checkpoints) if self.job.is_main else None
         self.state = TrainerState(step=0)
-        resume_from = self.checkpoints.latest() if cfg.resume else None
+        resume_from = self.job.share(self.checkpoints.latest() if cfg.resume and self.checkpoints else None)
         torch.manual_seed(cfg.seed)
-        model_dir = resume_from / "model" if resume_from is not None else self._initial_model_dir()
-        self.model, self.tokenizer = _load_policy(model_dir)
-        if self.topk > len(self.tokenizer):
+        model_dir = resume_from / "model" if resume_from is not None else self.job.share(self._main_model_dir())
+        self.model, self.tokenizer = _load_policy(model_dir) if self.job.is_main else (None, None)
+        if self.tokenizer is not None and self.topk > len(self.tokenizer):
             raise UserError(f"rollout.logprobs_topk={self.topk} exceeds the vocabulary size {len(self.tokenizer)}")
-        self.train_engine = HFTrainingEngine(
-            self.model, cfg.train, temperature=cfg.rollout.temperature, router_replay=cfg.rollout.router_replay
+        self.train_engine = self._training_engine(model_dir)
+        self.rollout_engine = (
+            HFRolloutEngine(self.model, self.tokenizer, dtype=cfg.rollout.dtype) if self.job.is_main else None
         )
-        self.rollout_engine = HFRolloutEngine(self.model, self.tokenizer, dtype=cfg.rollout.dtype)
         if resume_from is not None:
-            self.state, payload = CheckpointManager.load_state(resume_from)
-            self.train_engine.optimizer.load_state_dict(payload["optimizer"])
-            set_rng_state(payload["rng"])
-            if self.train_engine.scaler is not None and "grad_scaler" in payload:
-                self.train_engine.scaler.load_state_dict(payload["grad_scaler"])
-            self.console.print(f"resumed from {resume_from} (step {self.state.step})")
+            self._resume(resume_from)
         self.task = ArithmeticTask(num_digits=cfg.task.num_digits, ops=cfg.task.ops, seed=cfg.task.seed)
         self.train_problems = self.task.all_problems("train")
         self.eval_problems = self.task.all_problems("eval")[: cfg.task.num_eval_prompts]
-        (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        if self.job.is_main:
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         self._stop_signal: str | None = None
 
+    def _training_engine(self, model_dir: Path) -> Any:
+        cfg = self.cfg
+        if cfg.train.backend == "megatron":
+            from nemo_dppo.engines.megatron_training import MegatronTrainingEngine
+
+            return MegatronTrainingEngine(
+                model_dir,
+                cfg.train,
+                temperature=cfg.rollout.temperature,
+                router_replay=cfg.rollout.router_replay,
+                seed=cfg.seed,
+            )
+        return HFTrainingEngine(
+            self.model, cfg.train, temperature=cfg.rollout.temperature, router_replay=cfg.rollout.router_replay
+        )
+
+    def _resume(self, checkpoint: Path) -> None:
+        self.state, payload = CheckpointManager.load_state(checkpoint)
+        if self.cfg.train.backend == "megatron":
+            from nemo_dppo.megatron.checkpoint_io import load_shard
+
+            load_shard(checkpoint, self.train_engine)  # model, optimizer (+ fp16 loss scale), this rank's RNG
+        else:
+            self.train_engine.optimizer.load_state_dict(payload["optimizer"])
+            if self.train_engine.scaler is not None and "grad_scaler" in payload:
+                self.train_engine.scaler.load_state_dict(payload["grad_scaler"])
+        if self.job.is_main:
+            set_rng_state(payload["rng"])
+            self.console.print(f"resumed from {checkpoint} (step {self.state.step})")
+
+    def _main_model_dir(self) -> Path | None:
+        """The initial policy directory, prepared (warm start) by the main rank only."""
+        return self._initial_model_dir() if self.job.is_main else None
+
     def _initial_model_dir(self) -> Path:
-        if self.cfg.model.path is not None:
-            return Path(self.cfg.model.path).expanduser()
-        return warm_started_model_dir(self.cfg.model, self.cfg.task, self.cfg.warm_start)
+        return Trainer.initial_model_dir(self.cfg)
+
+    @staticmethod
+    def initial_model_dir(cfg: Config) -> Path:
+        """`model.path`, or the cached warm-started tiny policy (trained on first use)."""
+        if cfg.model.path is not None:
+            return Path(cfg.model.path).expanduser()
+        return warm_started_model_dir(cfg.model, cfg.task, cfg.warm_start)
 
     # ------------------------------------------------------------------------------------------------ loop
     def fit(self) -> dict[str, float]:
-        """Train until `cfg.steps` (or a stop signal); returns the last step's metrics."""
+        """Train until `cfg.steps` (or a stop signal); returns the last step's metrics (on the main rank)."""
         cfg = self.cfg
         last: dict[str, float] = {}
+        main = self.job.is_main
         with (
             _stop_signals(self),
-            RunLogger(self.run_dir, resume_from_step=self.state.step) as log,
-            _progress(cfg.progress, self.console) as progress,
+            RunLogger(self.run_dir, resume_from_step=self.state.step) if main else _NoLogger() as log,
+            _progress(cfg.progress and main, self.console) as progress,
         ):
             task_id = progress.add_task("DPPO", total=cfg.steps, completed=self.state.step, reward=float("nan"))
-            if self.state.step == 0:
+            if self.state.step == 0 and main:
                 log.log(0, self.evaluate())
-            while self.state.step < cfg.steps and self._stop_signal is None:
+            while self.state.step < cfg.steps and not self.job.any(self._stop_signal is not None):
                 step = self.state.step + 1
                 last = self.train_one_step(step)
-                if step % cfg.eval_every == 0 or step == cfg.steps:
+                if main and (step % cfg.eval_every == 0 or step == cfg.steps):
                     last.update(self.evaluate())
                 self.state.step = step
                 log.log(step, last)
-                progress.update(task_id, advance=1, reward=last["reward/mean"])
-                if step % cfg.save_every == 0 or step == cfg.steps or self._stop_signal is not None:
+                progress.update(task_id, advance=1, reward=last.get("reward/mean", float("nan")))
+                stopping = self.job.any(self._stop_signal is not None)
+                if step % cfg.save_every == 0 or step == cfg.steps or stopping:
                     self.save()
-        if self._stop_signal is not None:
+                if stopping:
+                    self._stop_signal = self._stop_signal or "stop requested on another rank"
+                    break
+        if self._stop_signal is not None and main:
             self.console.print(f"{self._stop_signal}: checkpoint written at step {self.state.step}; exiting")
         return last
 
@@ -118,7 +164,7 @@ class Trainer:
         start = time.perf_counter()
         problems = self._prompts_for_step(step)
         with _timed(timings, "rollout"):
-            batch, rollout_metrics = self.rollout(problems, step)
+            batch, rollout_metrics = self.job.share(self.rollout(problems, step) if self.job.is_main else None)
         with _timed(timings, "logprob"):
             old = self.train_engine.compute_logprobs(batch, with_topk=self.mode.needs_topk)
             batch.old_logprobs = old.token.logprobs
@@ -126,7 +172,9 @@ class Trainer:
         with _timed(timings, "train"):
             train_metrics = self.update(batch, step)
         with _timed(timings, "sync"):
-            self.rollout_engine.sync_weights(self.train_engine.hf_state_dict())
+            weights = self.train_engine.hf_state_dict()  # collective on a multi-rank job
+            if self.rollout_engine is not None:
+                self.rollout_engine.sync_weights(weights)
         timings["step"] = time.perf_counter() - start
         return {
             **rollout_metrics,
@@ -222,12 +270,23 @@ class Trainer:
         return {"eval/accuracy": accuracy, "time/eval": time.perf_counter() - start}
 
     def save(self) -> Path:
+        if self.cfg.train.backend == "megatron":  # collective: every rank writes its shard
+            from nemo_dppo.megatron.checkpoint_io import save_sharded
+
+            root = self.run_dir / "checkpoints"
+            return save_sharded(self.checkpoints, root, self.state, self.train_engine, self.tokenizer,
+                                to_yaml(self.cfg))  # fmt: skip
+        assert self.checkpoints is not None
         extra = {}
         if self.train_engine.scaler is not None:
             extra["grad_scaler"] = self.train_engine.scaler.state_dict()
         return self.checkpoints.save(
             self.state, self.model, self.tokenizer, self.train_engine.optimizer, to_yaml(self.cfg), extra
         )
+
+    def close(self) -> None:
+        """Leave the process group of a Megatron job (lets tests build several jobs in one process)."""
+        self.job.close()
 
     def request_stop(self, name: str) -> None:
         self._stop_signal = name
@@ -248,17 +307,39 @@ def average_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
 
 
 def train(cfg: Config) -> dict[str, float]:
-    """Run a whole training job from a config, then write plots and the report."""
+    """Run a whole training job from a config, then write plots and the report.
+
+    A Megatron layout of several ranks (`train.megatron`) starts them on this machine first (`nemo_dppo.launch`)
+    unless this process already is one of them; the launcher returns the main rank's last metrics.
+    """
+    if Job.needs_launch(cfg):
+        return Job.launch(cfg, _initial_model_dir=lambda: Trainer.initial_model_dir(cfg))
+    if not launch.is_launched_rank():
+        Job.precheck(cfg, lambda: Trainer.initial_model_dir(cfg))
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     trainer = Trainer(cfg)
-    last = trainer.fit()
-    from nemo_dppo.plots import plot_run, write_report
+    try:
+        last = trainer.fit()
+        if trainer.job.is_main:
+            from nemo_dppo.plots import plot_run, write_report
 
-    plot_run(trainer.run_dir)
-    report = write_report(trainer.run_dir)
-    trainer.console.print(f"run directory: {trainer.run_dir}  (report: {report})")
+            plot_run(trainer.run_dir)
+            report = write_report(trainer.run_dir)
+            trainer.console.print(f"run directory: {trainer.run_dir}  (report: {report})")
+    finally:
+        trainer.close()
     return last
+
+
+class _NoLogger(contextlib.AbstractContextManager):
+    """Stands for `RunLogger` on the ranks that do not log."""
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        pass
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 def _load_policy(model_dir: Path) -> tuple[torch.nn.Module, Any]:
