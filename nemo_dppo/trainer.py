@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -26,7 +26,7 @@ from nemo_dppo.advantages import compute_advantages
 from nemo_dppo.batching import RolloutBatch, collate_rollouts
 from nemo_dppo.checkpoint import CheckpointManager, TrainerState, set_rng_state
 from nemo_dppo.config import Config, to_yaml
-from nemo_dppo.engines.base import SamplingParams
+from nemo_dppo.engines.base import RolloutEngine, SamplingParams
 from nemo_dppo.engines.hf_rollout import HFRolloutEngine
 from nemo_dppo.engines.hf_training import HFTrainingEngine
 from nemo_dppo.errors import UserError
@@ -57,8 +57,6 @@ class Trainer:
             self.topk = DEFAULT_TOPK
         if self.mode.needs_topk and self.topk == 0:
             raise UserError(f"loss.mode={cfg.loss.mode} needs Top-K log-probs; set rollout.logprobs_topk > 0")
-        if cfg.rollout.engine != "hf":
-            raise UserError(f"rollout.engine={cfg.rollout.engine}: this build runs the 'hf' rollout engine only")
         self.job = Job.start(cfg)  # joins the process group of a multi-rank Megatron job (one rank: no-op)
         if self.job.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -71,17 +69,39 @@ class Trainer:
         if self.tokenizer is not None and self.topk > len(self.tokenizer):
             raise UserError(f"rollout.logprobs_topk={self.topk} exceeds the vocabulary size {len(self.tokenizer)}")
         self.train_engine = self._training_engine(model_dir)
-        self.rollout_engine = (
-            HFRolloutEngine(self.model, self.tokenizer, dtype=cfg.rollout.dtype) if self.job.is_main else None
-        )
+        self.rollout_engine = self._make_rollout_engine(model_dir) if self.job.is_main else None
         if resume_from is not None:
             self._resume(resume_from)
-        self.task = ArithmeticTask(num_digits=cfg.task.num_digits, ops=cfg.task.ops, seed=cfg.task.seed)
+        self.task, self.reward_fn = _make_task(cfg)
+        # Math prompts go through the model's chat template when it has one (as `nemo-dppo eval` does).
+        self.use_chat_template = cfg.task.name == "math" and bool(getattr(self.tokenizer, "chat_template", None))
         self.train_problems = self.task.all_problems("train")
         self.eval_problems = self.task.all_problems("eval")[: cfg.task.num_eval_prompts]
         if self.job.is_main:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         self._stop_signal: str | None = None
+
+    def _make_rollout_engine(self, model_dir: Path) -> RolloutEngine:
+        """`rollout.engine`: `hf` (transformers generate) or `vllm` (in-process vLLM, loaded from `model_dir`)."""
+        rollout = self.cfg.rollout
+        if rollout.engine != "vllm":
+            return HFRolloutEngine(self.model, self.tokenizer, dtype=rollout.dtype)
+        from nemo_dppo.engines.vllm_internals import VLLMUnavailableError
+
+        try:
+            from nemo_dppo.engines.vllm_rollout import VLLMRolloutEngine
+
+            return VLLMRolloutEngine(
+                str(model_dir),
+                self.tokenizer,
+                dtype=rollout.dtype,
+                max_model_len=rollout.vllm_max_model_len,
+                kv_cache_mb=rollout.vllm_kv_cache_mb,
+                max_logprobs=max(self.topk, 20),
+                seed=self.cfg.seed,
+            )
+        except VLLMUnavailableError as err:
+            raise UserError(str(err)) from None
 
     def _training_engine(self, model_dir: Path) -> Any:
         cfg = self.cfg
@@ -135,7 +155,9 @@ class Trainer:
         main = self.job.is_main
         with (
             _stop_signals(self),
-            RunLogger(self.run_dir, resume_from_step=self.state.step) if main else _NoLogger() as log,
+            RunLogger(self.run_dir, resume_from_step=self.state.step if self.cfg.resume else -1)
+            if main
+            else _NoLogger() as log,
             _progress(cfg.progress and main, self.console) as progress,
         ):
             task_id = progress.add_task("DPPO", total=cfg.steps, completed=self.state.step, reward=float("nan"))
@@ -200,7 +222,7 @@ class Trainer:
             logprobs_topk=self.topk,
             record_routes=self.train_engine.is_moe,
         )
-        prompt_ids = [self.tokenizer.encode(p.prompt) for p in problems]
+        prompt_ids = [self._encode(p.prompt) for p in problems]
         groups = self.rollout_engine.generate(prompt_ids, params)
         samples, group_ids, rewards = [], [], []
         for g, (problem, group) in enumerate(zip(problems, groups, strict=True)):
@@ -208,7 +230,7 @@ class Trainer:
                 text = self.tokenizer.decode(sample.response_ids, skip_special_tokens=True)
                 samples.append(sample)
                 group_ids.append(g)
-                rewards.append(reward(text, problem.answer, cfg.task.reward_correct, cfg.task.reward_wrong))
+                rewards.append(self.reward_fn(text, problem.answer, cfg.task.reward_correct, cfg.task.reward_wrong))
         reward_tensor = torch.tensor(rewards)
         advantages = compute_advantages(
             cfg.advantage.estimator, reward_tensor, torch.tensor(group_ids), cfg.advantage.eps
@@ -258,10 +280,10 @@ class Trainer:
         """Greedy accuracy on the held-out prompts."""
         start = time.perf_counter()
         params = SamplingParams(n=1, max_new_tokens=self.cfg.rollout.max_new_tokens, greedy=True)
-        prompts = [self.tokenizer.encode(p.prompt) for p in self.eval_problems]
+        prompts = [self._encode(p.prompt) for p in self.eval_problems]
         groups = self.rollout_engine.generate(prompts, params)
         correct = [
-            reward(self.tokenizer.decode(g[0].response_ids, skip_special_tokens=True), p.answer) > 0
+            self.reward_fn(self.tokenizer.decode(g[0].response_ids, skip_special_tokens=True), p.answer) > 0
             for p, g in zip(self.eval_problems, groups, strict=True)
         ]
         accuracy = sum(correct) / len(correct)
@@ -284,8 +306,17 @@ class Trainer:
             self.state, self.model, self.tokenizer, self.train_engine.optimizer, to_yaml(self.cfg), extra
         )
 
+    def _encode(self, prompt: str) -> list[int]:
+        from nemo_dppo.evaluate import encode_prompt
+
+        return encode_prompt(self.tokenizer, prompt, self.use_chat_template)
+
     def close(self) -> None:
-        """Leave the process group of a Megatron job (lets tests build several jobs in one process)."""
+        """Free the rollout engine (vLLM: its engine and process group) and leave the process group of a
+        Megatron job (lets tests build several jobs in one process)."""
+        shutdown = getattr(self.rollout_engine, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
         self.job.close()
 
     def request_stop(self, name: str) -> None:
@@ -340,6 +371,22 @@ class _NoLogger(contextlib.AbstractContextManager):
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+def _make_task(cfg: Config) -> tuple[Any, Callable[..., float]]:
+    """The task (`all_problems(split)` → objects with `.prompt` / `.answer`) and its reward
+    `reward(text, answer, correct, wrong)`."""
+    if cfg.task.name == "math":
+        from nemo_dppo.data import MathTask
+
+        task = MathTask(
+            cfg.task.train_path,  # type: ignore[arg-type]  # checked by TaskConfig
+            eval_path=cfg.task.eval_path,
+            seed=cfg.task.seed,
+            reward_timeout_s=cfg.task.reward_timeout_s,
+        )
+        return task, task.reward
+    return ArithmeticTask(num_digits=cfg.task.num_digits, ops=cfg.task.ops, seed=cfg.task.seed), reward
 
 
 def _load_policy(model_dir: Path) -> tuple[torch.nn.Module, Any]:

@@ -25,13 +25,15 @@ from nemo_dppo.models.tokenizer import build_tokenizer
 from nemo_dppo.tasks.arithmetic import ArithmeticTask, sft_example
 
 CACHE_FORMAT = 1  # bump when the warm start's recipe changes
+#: Task fields the (arithmetic) warm start does not depend on: adding them must not invalidate existing caches.
+_NOT_IN_KEY = ("train_path", "eval_path", "reward_timeout_s")
 
 
 def warm_start_key(model_cfg: ModelConfig, task_cfg: TaskConfig, ws_cfg: WarmStartConfig) -> str:
     settings = {
         "format": CACHE_FORMAT,
         "model": asdict(model_cfg),
-        "task": {k: v for k, v in asdict(task_cfg).items() if not k.startswith("reward")},
+        "task": {k: v for k, v in asdict(task_cfg).items() if not k.startswith("reward") and k not in _NOT_IN_KEY},
         "warm_start": {k: v for k, v in asdict(ws_cfg).items() if k != "cache_dir"},
         "torch": torch.__version__.split("+")[0],
         "transformers": transformers.__version__,

@@ -8,6 +8,7 @@ Prints a table: median time per mode and its ratio to `ppo_clip` (target: DPPO �
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 
@@ -58,25 +59,33 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--topk", type=int, default=20, help="K for the Top-K rows (0 skips them)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds; each times every mode once, in a new order")
     args = parser.parse_args()
 
     inputs = make_inputs(args.batch, args.tokens, args.topk)
     modes = ["ppo_clip", "dppo_binary_tv", "dppo_binary_kl"]
     if args.topk:
         modes += ["dppo_topk_tv", "dppo_topk_kl"]
-    # Interleave modes over rounds so that machine noise hits all of them alike.
+    # Every round times each mode once, in a shuffled order; ratios are taken within a round (adjacent runs),
+    # which cancels most of the drift of a shared machine, then the median over rounds is reported.
     results: dict[str, list[float]] = {m: [] for m in modes}
-    for _ in range(3):
+    ratios: dict[str, list[float]] = {m: [] for m in modes}
+    order = random.Random(0)
+    for _ in range(args.rounds):
+        this_round = {}
+        for mode in order.sample(modes, len(modes)):
+            this_round[mode] = time_mode(mode, inputs, args.repeats)
+            results[mode].append(this_round[mode])
         for mode in modes:
-            results[mode].append(time_mode(mode, inputs, args.repeats))
+            ratios[mode].append(this_round[mode] / this_round["ppo_clip"])
     median = {m: statistics.median(v) for m, v in results.items()}
 
     table = Table(title=f"policy loss fwd+bwd, {args.batch} × {args.tokens} tokens, {torch.get_num_threads()} threads")
     table.add_column("mode")
     table.add_column("ms", justify="right")
-    table.add_column("× ppo_clip", justify="right")
+    table.add_column("× ppo_clip (median of per-round ratios)", justify="right")
     for mode in modes:
-        table.add_row(mode, f"{median[mode] * 1e3:.1f}", f"{median[mode] / median['ppo_clip']:.3f}")
+        table.add_row(mode, f"{median[mode] * 1e3:.1f}", f"{statistics.median(ratios[mode]):.3f}")
     Console(width=140).print(table)
 
 
