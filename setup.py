@@ -46,8 +46,8 @@ setup(
         "te": ["transformer-engine[pytorch]"],
         # slurm/dppo.sbatch starts a Ray cluster across the job's nodes.
         "ray": ["ray[default]==2.60.*"],
-        # DAPO-Math / AIME data, the math-verify reward, `nemo-dppo eval`. antlr4_9_3 matches hydra-core's pin.
-        "math": ["math-verify[antlr4_9_3]>=0.7", "pyarrow>=14"],
+        # DAPO-Math / AIME data, the math-verify reward, `nemo-dppo eval`. antlr4-9-3 matches hydra-core's pin.
+        "math": ["math-verify[antlr4-9-3]>=0.7", "pyarrow>=14"],
     },
     entry_points={"console_scripts": ["nemo-dppo=nemo_dppo.cli:main"]},
     classifiers=[

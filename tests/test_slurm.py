@@ -294,8 +294,11 @@ def test_dppo_ray(jobs: Jobs) -> None:
 
 @needs_slurm
 def test_preemption_checkpoints_requeues_and_resumes(jobs: Jobs) -> None:
-    """USR1 to the batch script (what --signal=B:USR1@N sends): checkpoint, requeue, resume from that step."""
-    steps = 4
+    """USR1 to the batch script (what --signal=B:USR1@N sends): checkpoint, requeue, resume from that step.
+
+    The run is long enough (tiny steps take ~0.1-0.3 s) that the signal, which travels scancel → slurmd → batch
+    script → driver, lands well before the last step."""
+    steps = 40
     run_dir = jobs.dir / "run"
     job_id = jobs.submit(SINGLE_NODE, **jobs.tiny(steps, OVERRIDES=f"save_every={steps}"))
     jobs.wait(job_id, until=lambda _: max(metric_steps(run_dir), default=0) >= 1)
