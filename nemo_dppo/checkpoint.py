@@ -58,26 +58,35 @@ class CheckpointManager:
         config_yaml: str,
         extra: dict[str, Any] | None = None,
     ) -> Path:
-        final = self.root / f"step_{state.step:06d}"
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
+        tmp = self.new_tmp_dir()
         try:
             model.save_pretrained(tmp / "model", safe_serialization=True)
             tokenizer.save_pretrained(tmp / "model")
             torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state(), **(extra or {})}, tmp / "train.pt")
-            (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, indent=2))
-            (tmp / "config.yaml").write_text(config_yaml)
-            (tmp / COMPLETE_MARKER).write_text("")
-            _fsync_tree(tmp)
-            if final.exists():  # re-saving a step (e.g. right after a resume): swap, then drop the old copy
-                old = Path(tempfile.mkdtemp(prefix=".tmp-old-", dir=self.root))
-                os.replace(final, old / final.name)
-                os.rename(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, final)
+            return self.publish(tmp, state, config_yaml)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    def new_tmp_dir(self) -> Path:
+        """A fresh temporary directory under the checkpoint root (swept on the next start if never published)."""
+        return Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
+
+    def publish(self, tmp: Path, state: TrainerState, config_yaml: str) -> Path:
+        """Finish a checkpoint written into `tmp`: trainer state, config and COMPLETE marker, fsync, rename into
+        place, then replace `latest` and prune. Every engine's save ends here."""
+        final = self.root / f"step_{state.step:06d}"
+        (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, indent=2))
+        (tmp / "config.yaml").write_text(config_yaml)
+        (tmp / COMPLETE_MARKER).write_text("")
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving a step (e.g. right after a resume): swap, then drop the old copy
+            old = Path(tempfile.mkdtemp(prefix=".tmp-old-", dir=self.root))
+            os.replace(final, old / final.name)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
         _atomic_write(self.root / "latest", final.name)
         self._prune()
         return final

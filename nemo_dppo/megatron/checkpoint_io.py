@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +25,8 @@ import torch
 import torch.distributed as dist
 
 from nemo_dppo.checkpoint import (
-    COMPLETE_MARKER,
-    STATE_FILE,
     CheckpointManager,
     TrainerState,
-    _atomic_write,
-    _fsync_tree,
     rng_state,
 )
 from nemo_dppo.errors import UserError
@@ -56,8 +51,10 @@ def save_sharded(
 ) -> Path:
     """Collective save of a Megatron-engine checkpoint (see the module docstring); `manager` only on rank 0."""
     rank = dist.get_rank()
+    if rank == 0 and (manager is None or manager.root != root):
+        raise ValueError(f"save_sharded: rank 0 needs the CheckpointManager of {root}")
     final = root / f"step_{state.step:06d}"
-    box = [str(Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))) if rank == 0 else None]
+    box = [str(manager.new_tmp_dir()) if manager is not None and rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     tmp = Path(str(box[0]))
     try:
@@ -68,13 +65,9 @@ def save_sharded(
             os.fsync(f.fileno())
         weights = engine.hf_state_dict()  # collective
         dist.barrier()
-        if rank == 0:
-            _write_rank0_files(tmp, state, engine, weights, tokenizer, config_yaml, extra)
-            _fsync_tree(tmp)
-            _move_into_place(tmp, final)
-            _atomic_write(root / "latest", final.name)
-            if manager is not None:
-                manager._prune()
+        if rank == 0 and manager is not None:
+            _write_rank0_files(tmp, engine, weights, tokenizer, extra)
+            manager.publish(tmp, state, config_yaml)
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -85,11 +78,9 @@ def save_sharded(
 
 def _write_rank0_files(
     tmp: Path,
-    state: TrainerState,
     engine: Any,
     weights: dict[str, torch.Tensor],
     tokenizer: Any,
-    config_yaml: str,
     extra: dict[str, Any] | None,
 ) -> None:
     save_hf_dir(weights, tmp / "model", engine.hf_dir)
@@ -97,19 +88,6 @@ def _write_rank0_files(
         tokenizer.save_pretrained(tmp / "model")
     (tmp / SHARD_DIR / LAYOUT_FILE).write_text(json.dumps(engine.layout_description(), indent=2))
     torch.save({"rng": rng_state(), **(extra or {})}, tmp / "train.pt")
-    (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, indent=2))
-    (tmp / "config.yaml").write_text(config_yaml)
-    (tmp / COMPLETE_MARKER).write_text("")
-
-
-def _move_into_place(tmp: Path, final: Path) -> None:
-    if final.exists():  # re-saving a step (e.g. right after a resume): swap, then drop the old copy
-        old = Path(tempfile.mkdtemp(prefix=".tmp-old-", dir=final.parent))
-        os.replace(final, old / final.name)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
 
 
 def load_shard(checkpoint: Path, engine: Any) -> None:
