@@ -39,8 +39,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nemo_dppo.losses import LOSS_MODES, LossConfig, compute_policy_loss, get_mode
+from nemo_dppo.losses import LOSS_MODES, LossConfig, get_mode
 from nemo_dppo.nemo_rl import data_keys as keys
+from nemo_dppo.nemo_rl.core_call import core_policy_loss
 from nemo_dppo.nemo_rl.from_logits import UnsupportedParallelism
 from nemo_dppo.nemo_rl.interfaces import NEMO_RL_IMPORTABLE, LossInputType, LossType, MetricNormalizer
 from nemo_dppo.nemo_rl.loss import DPPOLossFn
@@ -203,12 +204,12 @@ def whole_batch_reference(batch: Batch, cfg: LossConfig) -> tuple[torch.Tensor, 
     mode = get_mode(cfg.mode)
     if mode.needs_topk:
         topk_pi = torch.log_softmax(logits[:, :-1].detach(), -1).gather(-1, data[keys.TOPK_IDS][:, 1:])
-    loss, metrics = compute_policy_loss(
-        logprobs,
-        data[keys.GENERATION_LOGPROBS][:, 1:],
-        data[keys.ADVANTAGES][:, 1:],
-        mask,
+    loss, metrics = core_policy_loss(
         cfg,
+        logprobs=logprobs,
+        rollout_logprobs=data[keys.GENERATION_LOGPROBS][:, 1:],
+        advantages=data[keys.ADVANTAGES][:, 1:],
+        response_mask=mask,
         old_logprobs=data[keys.PREV_LOGPROBS][:, 1:] if mode.needs_old_logprobs else None,
         topk_rollout_logprobs=data[keys.TOPK_LOGPROBS][:, 1:] if mode.needs_topk else None,
         topk_train_logprobs=topk_pi,
@@ -381,10 +382,16 @@ def test_clear_errors_for_wrong_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_picklable_and_importable_without_config_libraries() -> None:
-    """NeMo-RL pickles the loss to its Megatron workers, whose venv has torch but maybe no omegaconf / hydra."""
+    """NeMo-RL pickles the loss to its Megatron workers, whose venv has torch but maybe no omegaconf / hydra / ray.
+
+    The pickle holds the settings only (no reference to NeMo-RL's enums, which import ray and transformers), so it
+    loads where none of those import, whether or not nemo_rl is importable in the pickling process."""
     loss_fn = DPPOLossFn({"mode": "dppo_topk_kl", "topk": 8, "token_level_loss": False})
-    clone = pickle.loads(pickle.dumps(loss_fn))
+    payload = pickle.dumps(loss_fn)
+    clone = pickle.loads(payload)
     assert clone.cfg == loss_fn.cfg and clone.loss_type == loss_fn.loss_type and clone.topk == 8
+    assert clone.input_type == loss_fn.input_type and clone.metric_normalizations == loss_fn.metric_normalizations
+    assert b"nemo_rl.algorithms" not in payload
     blocker = (
         "import sys\n"
         "class Block:\n"
@@ -394,13 +401,11 @@ def test_picklable_and_importable_without_config_libraries() -> None:
         "sys.meta_path.insert(0, Block())\n"
         "import pickle, nemo_dppo.nemo_rl.loss as m\n"
         "fn = pickle.loads(sys.stdin.buffer.read())\n"
-        "print(type(fn).__name__, fn.cfg.mode)\n"
+        "print(type(fn).__name__, fn.cfg.mode, fn.loss_type.value)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", blocker], input=pickle.dumps(loss_fn), capture_output=True, cwd=REPO, timeout=60
-    )
+    result = subprocess.run([sys.executable, "-c", blocker], input=payload, capture_output=True, cwd=REPO, timeout=60)
     assert result.returncode == 0, result.stderr.decode()
-    assert result.stdout.decode().split() == ["DPPOLossFn", "dppo_topk_kl"]
+    assert result.stdout.decode().split() == ["DPPOLossFn", "dppo_topk_kl", "sequence_level"]
 
 
 # --- v0.5 with TP = 2 vocabulary-parallel logits over gloo --------------------------------------------------------

@@ -33,12 +33,12 @@ import torch
 import torch.distributed as dist
 
 from nemo_dppo.logprobs import DEFAULT_CHUNK_TOKENS
-from nemo_dppo.losses import compute_policy_loss
 from nemo_dppo.nemo_rl import data_keys as keys
+from nemo_dppo.nemo_rl.core_call import core_policy_loss
 from nemo_dppo.nemo_rl.from_logits import next_token_logprobs_from_logits
 from nemo_dppo.nemo_rl.interfaces import LossInputType, LossType
 from nemo_dppo.nemo_rl.loss_settings import DPPOLossSettings, loss_settings
-from nemo_dppo.nemo_rl.metrics import metric_normalizations, nemo_rl_metrics, token_mult_prob_error
+from nemo_dppo.nemo_rl.metrics import metric_normalizations, mismatch_metrics, nemo_rl_metrics
 
 
 class DPPOLossFn:
@@ -74,6 +74,11 @@ class DPPOLossFn:
         self.force_on_policy_ratio = False
         self.use_linear_ce_fusion = False  # v0.7 name
         self.use_fused_linear_logprobs = False  # main's name
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickle the settings only: the unpickling process (a NeMo-RL worker) resolves NeMo-RL's enums itself, so
+        the pickle never refers to `nemo_rl` modules the worker may not be able to import."""
+        return (_rebuild, (self.settings, self.chunk_tokens))
 
     def __repr__(self) -> str:
         return f"DPPOLossFn(mode={self.cfg.mode!r}, agg={self.cfg.agg!r}, topk={self.topk})"
@@ -118,12 +123,12 @@ class DPPOLossFn:
                 "(data tensors are [B, S] and sliced [:, 1:])"
             )
 
-        loss, core = compute_policy_loss(
-            logprobs,
-            rollout,
-            advantages,
-            mask,
+        loss, core = core_policy_loss(
             self.cfg,
+            logprobs=logprobs,
+            rollout_logprobs=rollout,
+            advantages=advantages,
+            response_mask=mask,
             old_logprobs=prev if self.settings.needs_old_logprobs else None,
             topk_rollout_logprobs=topk_mu,
             topk_train_logprobs=topk_pi,
@@ -137,7 +142,9 @@ class DPPOLossFn:
             advantages=advantages,
             sample_mask=_get(data, keys.SAMPLE_MASK, self),
             global_valid_toks=n_global,
-            token_mult_prob_error=token_mult_prob_error(rollout.detach(), _detached(prev), mask, n_global),
+            mismatch=mismatch_metrics(
+                rollout.detach(), _detached(prev), mask, n_global, kl_type=self.settings.gen_kl_type
+            ),
         )
         return loss, metrics
 
@@ -186,6 +193,10 @@ class DPPOLossFn:
                 "loss must use the same K"
             )
         return ids, logprobs
+
+
+def _rebuild(settings: DPPOLossSettings, chunk_tokens: int) -> DPPOLossFn:
+    return DPPOLossFn(settings, chunk_tokens=chunk_tokens)
 
 
 def _get(data: Mapping[str, Any], key: str, loss: DPPOLossFn) -> torch.Tensor:

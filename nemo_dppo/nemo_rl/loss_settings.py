@@ -13,8 +13,9 @@ The section may hold the loss core's own names and NeMo-RL's `ClippedPGLossConfi
   SEQUENCE_LEVEL) when `agg` is null; an explicit `agg` must agree with it.
 - `use_cispo: true` → `mode: cispo`.
 - `truncated_importance_sampling_ratio` (type `tis` or null) → `ratio_cap` C of min(π/μ, C).
+- `reference_policy_kl_type` (k1 / k2 / k3, null → k3) → the estimator of the `gen_kl_error` metric (as NeMo-RL).
 - accepted without effect: `use_importance_sampling_correction` (DPPO's ratio is already π/μ, the rollout policy
-  is the anchor), `reference_policy_kl_type`, `kl_input_clamp_value`, `kl_output_clamp_value`,
+  is the anchor), `kl_input_clamp_value`, `kl_output_clamp_value`,
   `use_on_policy_kl_approximation`, `use_kl_in_reward` (KL options; DPPO uses no KL penalty).
 - rejected (no DPPO equivalent): `reference_policy_kl_penalty` ≠ 0 without `use_kl_in_reward`,
   `disable_ppo_ratio`, `sequence_level_importance_ratios`, `force_on_policy_ratio`, `positive_example_nll_weight`
@@ -37,6 +38,9 @@ from nemo_dppo.nemo_rl.key_errors import unknown_key_message
 #: K when `loss_fn.topk` is null and the mode needs Top-K (the paper's K).
 DEFAULT_TOPK = 20
 
+#: NeMo-RL's KL estimators (`calculate_kl`), used for the `gen_kl_error` metric; k3 is NeMo-RL's default.
+KL_TYPES = ("k1", "k2", "k3")
+
 #: `LossConfig` fields, settable in `loss_fn:` under their own names.
 CORE_KEYS = tuple(f.name for f in dataclasses.fields(LossConfig))
 DPPO_KEYS = (*CORE_KEYS, "topk")
@@ -56,7 +60,6 @@ MUST_BE_NEUTRAL = {
 #: NeMo-RL keys accepted without effect on the DPPO loss (see the module docstring).
 IGNORED = (
     "use_importance_sampling_correction",
-    "reference_policy_kl_type",
     "kl_input_clamp_value",
     "kl_output_clamp_value",
     "use_on_policy_kl_approximation",
@@ -71,6 +74,7 @@ NEMO_RL_KEYS = (
     "token_level_loss",
     "use_cispo",
     "reference_policy_kl_penalty",
+    "reference_policy_kl_type",
     "truncated_importance_sampling_type",
     "truncated_importance_sampling_ratio",
 )
@@ -89,6 +93,7 @@ class DPPOLossSettings:
     core: LossConfig
     topk: int
     token_level: bool
+    gen_kl_type: str = "k3"
 
     @property
     def needs_topk(self) -> bool:
@@ -151,7 +156,10 @@ def loss_settings(section: Any, *, max_new_tokens: int | None = None, strict: bo
         topk = DEFAULT_TOPK if raw.get("topk") is None else int(raw["topk"])
         if topk < 1:
             raise LossSettingsError(f"loss_fn.topk={topk} must be ≥ 1 for loss_fn.mode={core.mode}")
-    return DPPOLossSettings(core=core, topk=topk, token_level=core.agg == "token-mean")
+    kl_type = raw.get("reference_policy_kl_type") or "k3"
+    if kl_type not in KL_TYPES:
+        raise LossSettingsError(f"loss_fn.reference_policy_kl_type={kl_type!r} must be one of {', '.join(KL_TYPES)}")
+    return DPPOLossSettings(core=core, topk=topk, token_level=core.agg == "token-mean", gen_kl_type=kl_type)
 
 
 def _check_neutral(raw: dict[str, Any]) -> None:

@@ -33,6 +33,9 @@ TOKEN_MEAN_METRICS = {
     "divergence_mean": "dppo_divergence",
 }
 
+#: NeMo-RL's own rollout-vs-training diagnostics, which its training loops read by name after every step.
+MISMATCH_METRICS = ("token_mult_prob_error", "gen_kl_error")
+
 #: Extrema NeMo-RL itself reduces by min / max over micro-batches (the names must stay exactly these).
 EXTREMA = {"ratio_min": ("probs_ratio_min", math.inf), "ratio_max": ("probs_ratio_max", -math.inf)}
 
@@ -42,7 +45,7 @@ def metric_normalizations(token_level: bool) -> dict[str, object]:
     grad = MetricNormalizer.TOKENS if token_level else MetricNormalizer.SEQUENCES
     names: dict[str, object] = {"loss": grad, "num_valid_samples": MetricNormalizer.NONE}
     names.update(dict.fromkeys(TOKEN_MEAN_METRICS.values(), MetricNormalizer.TOKENS))
-    shares = ("dppo_masked_pos_frac", "dppo_masked_neg_frac", "token_mult_prob_error")
+    shares = ("dppo_masked_pos_frac", "dppo_masked_neg_frac", *MISMATCH_METRICS)
     names.update(dict.fromkeys(shares, MetricNormalizer.TOKENS))
     names.update({name: MetricNormalizer.NONE for name, _ in EXTREMA.values()})
     return names
@@ -55,12 +58,12 @@ def nemo_rl_metrics(
     advantages: torch.Tensor,
     sample_mask: torch.Tensor,
     global_valid_toks: float,
-    token_mult_prob_error: float,
+    mismatch: dict[str, float],
 ) -> dict[str, float]:
     """Rescale the loss core's micro-batch metrics to shares of the global batch (see the module docstring).
 
-    `mask` [B, T] and `advantages` [B, T] are the micro-batch's response mask and advantages; `token_mult_prob_error`
-    is NeMo-RL's own diagnostic (already a share), which `grpo_train` reads by name.
+    `mask` [B, T] and `advantages` [B, T] are the micro-batch's response mask and advantages;
+    `mismatch` holds NeMo-RL's own diagnostics (`mismatch_metrics`, already shares), which `grpo_train` reads.
     """
     valid = mask.bool()
     n_local = core["num_tokens"]
@@ -76,26 +79,39 @@ def nemo_rl_metrics(
     out["dppo_masked_neg_frac"] = core["mask_frac_neg"] * n_neg * per_global
     for name, (reported, empty) in EXTREMA.items():
         out[reported] = core[name] if n_local > 0 else empty
-    out["token_mult_prob_error"] = token_mult_prob_error
+    out.update(mismatch)
     out["num_valid_samples"] = float(sample_mask.sum())
     return out
 
 
-def token_mult_prob_error(
+def mismatch_metrics(
     generation_logprobs: torch.Tensor,
     prev_logprobs: torch.Tensor | None,
     mask: torch.Tensor,
     global_valid_toks: float,
-) -> float:
-    """NeMo-RL's `token_mult_prob_error`: Σ exp(|log μ − log π_old|·m)·m / N_global (1 per token when equal).
+    kl_type: str = "k3",
+) -> dict[str, float]:
+    """NeMo-RL's `token_mult_prob_error` and `gen_kl_error` of one micro-batch, as shares of the global batch.
 
-    `grpo_train` reads this name after every step, so every loss must report it. Without `prev_logprobs` (NeMo-RL's
-    `force_on_policy_ratio` path) the error is taken as zero, i.e. the value 1 per valid token.
+    As `ClippedPGLossFn` computes them (v0.5–main): with m the mask, N the global valid tokens (+1e-8) and
+    lr = log π_old − log μ, `token_mult_prob_error = Σ exp(|lr|·m)·m / N` (1 per token when equal) and
+    `gen_kl_error = Σ kl(lr)·m / N` with `calculate_kl`'s estimator `kl_type` (k1 −lr, k2 lr²/2, k3 e^lr − 1 − lr,
+    unclamped): KL(μ‖π_old), the generation-vs-training mismatch. Without `prev_logprobs` (NeMo-RL's
+    `force_on_policy_ratio` path) both errors are zero: 1 per valid token and 0.
     """
     m = mask.to(generation_logprobs.dtype)
+    denominator = float(global_valid_toks) + 1e-8  # NeMo-RL's masked_mean adds the same 1e-8
     if prev_logprobs is None:
-        total = m.sum()
+        return {"token_mult_prob_error": float(m.sum()) / denominator, "gen_kl_error": 0.0}
+    valid = mask.bool()
+    log_ratio = torch.where(valid, prev_logprobs - generation_logprobs, 0)
+    if kl_type == "k1":
+        kl = -log_ratio
+    elif kl_type == "k2":
+        kl = log_ratio.square() / 2
+    elif kl_type == "k3":
+        kl = torch.exp(log_ratio) - 1 - log_ratio
     else:
-        gap = torch.where(mask.bool(), (generation_logprobs - prev_logprobs).abs(), 0)
-        total = (torch.exp(gap * m) * m).sum()
-    return float(total) / (float(global_valid_toks) + 1e-8)
+        raise ValueError(f"unknown KL estimator {kl_type!r}; valid: k1, k2, k3")
+    mult = (torch.exp(log_ratio.abs() * m) * m).sum()
+    return {"token_mult_prob_error": float(mult) / denominator, "gen_kl_error": float((kl * m).sum()) / denominator}
