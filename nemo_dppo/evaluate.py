@@ -33,7 +33,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from nemo_dppo.checkpoint import COMPLETE_MARKER
+from nemo_dppo.checkpoint import latest_intact, verify_checkpoint
 from nemo_dppo.data.prepare import load_problems
 from nemo_dppo.data.records import MathRecord
 from nemo_dppo.engines.base import RolloutEngine, SamplingParams
@@ -96,13 +96,27 @@ def hf_engine_factory(model_dir: Path, settings: EvalSettings) -> tuple[RolloutE
     except ValueError as err:
         if "Qwen3-MoE" not in str(err):
             raise UserError(f"cannot load the model in {model_dir}: {err}") from None
-        from nemo_dppo.models.tiny_moe import resolve_dtype
-
-        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(settings.dtype))
-        engine = HFRolloutEngine(model, transformers.AutoTokenizer.from_pretrained(model_dir), dtype=settings.dtype)
+        engine = _auto_engine(model_dir, settings)
     except OSError as err:
         raise UserError(f"cannot load the model in {model_dir}: {err}") from None
     return engine, engine.tokenizer
+
+
+def _auto_engine(model_dir: Path, settings: EvalSettings) -> RolloutEngine:
+    """Any other causal LM through Auto*: safetensors only, and no code from the directory (`auto_map`) runs."""
+    import transformers
+
+    from nemo_dppo.engines.hf_rollout import HFRolloutEngine
+    from nemo_dppo.models.tiny_moe import resolve_dtype
+
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=resolve_dtype(settings.dtype), use_safetensors=True, trust_remote_code=False
+        )
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    except ValueError as err:
+        raise UserError(f"cannot load the model in {model_dir}: {str(err).splitlines()[0]}") from None
+    return HFRolloutEngine(model, tokenizer, dtype=settings.dtype)
 
 
 ENGINE_FACTORIES: dict[str, EngineFactory] = {"hf": hf_engine_factory}
@@ -131,16 +145,17 @@ def resolve_checkpoint(path: str | Path) -> ResolvedCheckpoint:
     if (path / "config.json").is_file():
         return ResolvedCheckpoint(path)
     if (path / "model" / "config.json").is_file():
-        if not (path / COMPLETE_MARKER).is_file():
+        problem = verify_checkpoint(path)
+        if problem is not None:
             raise UserError(
-                f"checkpoint {path} is incomplete (no {COMPLETE_MARKER} marker: still being written?); "
+                f"checkpoint {path} is not intact ({problem}; still being written?); "
                 f"pass {path / 'model'} to evaluate its weights anyway"
             )
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
         return ResolvedCheckpoint(path / "model", run_dir, path.name)
     root = path / "checkpoints"
     if root.is_dir():
-        latest = _latest_complete(root)
+        latest = latest_intact(root)  # read-only: an eval can run beside the training job
         if latest is None:
             raise UserError(f"run directory {path} has no complete checkpoint under {root}")
         return ResolvedCheckpoint(latest / "model", path, latest.name)
@@ -148,17 +163,6 @@ def resolve_checkpoint(path: str | Path) -> ResolvedCheckpoint:
         f"{path} is not an HF model directory (no config.json), a run checkpoint (no model/config.json) "
         "or a run directory (no checkpoints/)"
     )
-
-
-def _latest_complete(root: Path) -> Path | None:
-    """`checkpoints/latest` when it names a complete checkpoint, else the newest complete `step_*` (read-only)."""
-    pointer = root / "latest"
-    if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / COMPLETE_MARKER).is_file() and (candidate / "model").is_dir():
-            return candidate
-    complete = sorted(p for p in root.glob("step_*") if (p / COMPLETE_MARKER).is_file() and (p / "model").is_dir())
-    return complete[-1] if complete else None
 
 
 # ----------------------------------------------------------------------------------------------- metrics

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nemo_dppo.checkpoint import write_manifest
 from nemo_dppo.data import MathRecord, write_records
 from nemo_dppo.engines.base import RolloutSample, SamplingParams
 from nemo_dppo.errors import UserError
@@ -174,6 +175,7 @@ def test_checkpoint_resolution(tmp_path: Path, model_dir: Path, toy_data: Path) 
     run = tmp_path / "run"
     for step in ("step_000002", "step_000004"):
         shutil.copytree(model_dir, run / "checkpoints" / step / "model")
+        write_manifest(run / "checkpoints" / step)
         (run / "checkpoints" / step / "COMPLETE").write_text("")
     (run / "checkpoints" / "latest").write_text("step_000002")
     (run / "checkpoints" / ".tmp-inflight").mkdir()  # a checkpoint being written by a live trainer
@@ -194,7 +196,7 @@ def test_checkpoint_resolution(tmp_path: Path, model_dir: Path, toy_data: Path) 
     assert (result.out_dir / "result.json").is_file() and (result.out_dir / "result.md").is_file()
 
     (run / "checkpoints" / "step_000004" / "COMPLETE").unlink()
-    with pytest.raises(UserError, match="incomplete"):
+    with pytest.raises(UserError, match="not intact"):
         resolve_checkpoint(run / "checkpoints" / "step_000004")
     with pytest.raises(UserError, match="does not exist"):
         resolve_checkpoint(tmp_path / "nope")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen3MoeConfig, Qwen3MoeForCausalLM
@@ -114,6 +115,9 @@ def load_model_dir(path: str, dtype: str | torch.dtype = "fp32") -> tuple[Qwen3M
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"no config.json in model directory: {path}")
+    from nemo_dppo.safe_load import check_model_dir
+
+    check_model_dir(Path(path))  # every JSON / safetensors file parses: a planted file is one line naming it
     with open(config_path, encoding="utf-8") as f:
         raw = json.load(f)
     model_type, archs = raw.get("model_type"), raw.get("architectures") or []
@@ -122,9 +126,10 @@ def load_model_dir(path: str, dtype: str | torch.dtype = "fp32") -> tuple[Qwen3M
             f"{path}: expected a Qwen3-MoE causal LM (model_type 'qwen3_moe', Qwen3MoeForCausalLM), "
             f"got model_type={model_type!r} architectures={archs}"
         )
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    # No code from the directory runs (no `auto_map` modules) and no pickle is read (safetensors only).
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     vocab_size = int(raw.get("vocab_size", 0))
     if len(tokenizer) > vocab_size:
         raise ValueError(f"{path}: tokenizer has {len(tokenizer)} tokens but the model vocab_size is {vocab_size}")
-    model = Qwen3MoeForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    model = Qwen3MoeForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=False)
     return model.eval(), tokenizer
