@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -71,19 +72,53 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def import_nemo_rl() -> Any:
-    """NeMo-RL's `nemo_rl.algorithms.grpo` module, or `NemoRLUnavailable` with the install hint."""
-    try:
-        return importlib.import_module("nemo_rl.algorithms.grpo")
-    except ModuleNotFoundError as error:
-        if error.name is not None and error.name.split(".")[0] == "nemo_rl":
-            raise NemoRLUnavailable(INSTALL_HINT) from None
-        raise NemoRLUnavailable(f"NeMo-RL is installed but cannot be imported: {error}") from None
-    except ImportError as error:
-        raise NemoRLUnavailable(f"NeMo-RL is installed but cannot be imported: {error}") from None
+    """NeMo-RL's `nemo_rl.algorithms.grpo` module with the API this entry point calls, or `NemoRLUnavailable`."""
+    grpo = _nemo_rl_module("nemo_rl.algorithms.grpo")
+    for name in ("setup", "grpo_train"):
+        if not callable(getattr(grpo, name, None)):
+            raise NemoRLUnavailable(f"this entry point needs NeMo-RL 0.6–0.7 or main: nemo_rl.algorithms.grpo.{name} "
+                                    "does not exist in the installed NeMo-RL")  # fmt: skip
+    return grpo
+
+
+def unavailable_message(module: str, error: BaseException) -> str:
+    """One line saying what is needed when importing NeMo-RL's `module` raised `error` (any exception)."""
+    if isinstance(error, ModuleNotFoundError) and error.name and error.name.split(".")[0] == "nemo_rl":
+        if error.name == "nemo_rl":
+            return INSTALL_HINT
+        return f"this entry point needs NeMo-RL 0.6–0.7 or main: the installed NeMo-RL has no module {error.name}"
+    if isinstance(error, ModuleNotFoundError) and error.name:
+        return (f"NeMo-RL is installed but its dependency '{error.name.split('.')[0]}' is missing: run inside "
+                "NeMo-RL's container or its `uv run` environment (`uv sync` in the NeMo-RL checkout)")  # fmt: skip
+    detail = " ".join(str(error).split())[:300]
+    if sys.version_info < (3, 12) and ("TypedDict" in detail or "Python" in detail or isinstance(error, SyntaxError)):
+        return (f"NeMo-RL needs Python ≥ 3.12 (its releases declare ≥ 3.13); this is Python "
+                f"{sys.version_info.major}.{sys.version_info.minor}: run inside NeMo-RL's container or `uv run` "
+                f"environment (importing {module} failed: {type(error).__name__}: {detail})")  # fmt: skip
+    return f"NeMo-RL is installed but importing {module} failed: {type(error).__name__}: {detail}"
 
 
 def run_grpo(grpo: Any, config_path: str, overrides: Sequence[str]) -> None:
-    """NeMo-RL's GRPO entry point with the loss replaced (see the module docstring)."""
+    """NeMo-RL's GRPO entry point with the loss replaced (see the module docstring).
+
+    A failure while NeMo-RL sets up (config, Ray, tokenizer, data, workers) is one `NemoRLUnavailable` line
+    (`NEMO_DPPO_DEBUG=1` re-raises it with its traceback); failures inside `grpo_train` propagate unchanged."""
+    try:
+        train_args = _setup(grpo, config_path, overrides)
+    except (LossSettingsError, PlumbingError, NemoRLUnavailable):
+        raise
+    except Exception as error:  # NeMo-RL setup can fail in many ways: one line each
+        if os.environ.get("NEMO_DPPO_DEBUG") == "1":
+            raise
+        detail = " ".join(str(error).split())[:300]
+        raise NemoRLUnavailable(
+            f"NeMo-RL's GRPO setup failed: {type(error).__name__}: {detail} (NEMO_DPPO_DEBUG=1 shows the traceback)"
+        ) from None
+    grpo.grpo_train(*train_args)
+
+
+def _setup(grpo: Any, config_path: str, overrides: Sequence[str]) -> tuple[Any, ...]:
+    """Everything before `grpo_train`: NeMo-RL's config, Ray, tokenizer, data and `setup()`, with the loss swapped."""
     from omegaconf import OmegaConf
 
     config_utils = _nemo_rl_module("nemo_rl.utils.config")
@@ -113,7 +148,7 @@ def run_grpo(grpo: Any, config_path: str, overrides: Sequence[str]) -> None:
     at = _loss_position(outputs)
     print(f"loss: {loss_fn!r} replaces NeMo-RL's {type(outputs[at]).__name__}", flush=True)
     outputs[at] = loss_fn
-    grpo.grpo_train(
+    return (
         outputs[0],  # policy
         outputs[1],  # policy_generation
         outputs[at - 2],  # dataloader
@@ -165,14 +200,14 @@ def _loss_position(outputs: list[Any]) -> int:
 def _nemo_rl_module(name: str) -> Any:
     try:
         return importlib.import_module(name)
-    except ImportError as error:
-        raise NemoRLUnavailable(f"this entry point needs NeMo-RL ≥ 0.6: cannot import {name} ({error})") from None
+    except Exception as error:  # any failure inside NeMo-RL import: one line
+        raise NemoRLUnavailable(unavailable_message(name, error)) from None
 
 
 def _nemo_rl_attr(module: str, name: str) -> Any:
     found = getattr(_nemo_rl_module(module), name, None)
     if found is None:
-        raise NemoRLUnavailable(f"this entry point needs NeMo-RL ≥ 0.6: {module}.{name} does not exist")
+        raise NemoRLUnavailable(f"this entry point needs NeMo-RL 0.6–0.7 or main: {module}.{name} does not exist")
     return found
 
 
