@@ -8,7 +8,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from nemo_dppo.losses import LossConfig, binary_kl, binary_tv, compute_policy_loss
+from nemo_dppo.losses import LossConfig, PolicyLossInput, binary_kl, binary_tv, compute_policy_loss
 
 #: (μ, π, A) of the two examples: a rare token pushed up 100×, and a confident token pushed down by 0.19.
 PAPER_EXAMPLES = ((1e-4, 1e-2, +1.0), (0.99, 0.80, -1.0))
@@ -28,9 +28,8 @@ def paper_examples_table() -> Table:
         log_pi = torch.tensor([[math.log(pi)]], dtype=torch.float64)
         verdicts = []
         for _, mode, kwargs in DEMO_MODES:
-            _, metrics = compute_policy_loss(
-                log_pi, log_mu, torch.tensor([adv], dtype=torch.float64), torch.ones(1, 1), LossConfig(mode, **kwargs)
-            )
+            inputs = PolicyLossInput(log_pi, log_mu, torch.tensor([adv], dtype=torch.float64), torch.ones(1, 1))
+            _, metrics = compute_policy_loss(inputs, LossConfig(mode, **kwargs))
             verdicts.append("[red]mask[/]" if metrics["mask_frac"] > 0 else "[green]keep[/]")
         table.add_row(
             f"{mu:g}→{pi:g}",

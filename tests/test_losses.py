@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -12,14 +13,17 @@ from nemo_dppo.losses import (
     AGGREGATIONS,
     LOSS_MODES,
     LossConfig,
+    PolicyLossInput,
+    TrustRegion,
     binary_kl,
     binary_tv,
     compute_policy_loss,
+    get_mode,
+    mismatch_metrics,
     register_mode,
     topk_kl,
     topk_tv,
 )
-from nemo_dppo.losses.modes import TrustRegion
 from tests.loss_reference import bern_kl, reference_loss
 
 ALL_MODES = sorted(LOSS_MODES)
@@ -75,19 +79,23 @@ def ref_cfg(cfg: LossConfig) -> dict:
     return d
 
 
+def loss_input(batch: dict, logprobs: torch.Tensor | None = None, **kwargs) -> PolicyLossInput:
+    """Every input of `batch` (optional ones included) as a PolicyLossInput; `kwargs` override fields."""
+    fields = {
+        "logprobs": batch["logprobs"] if logprobs is None else logprobs,
+        "rollout_logprobs": batch["rollout_logprobs"],
+        "advantages": batch["advantages"],
+        "response_mask": batch["mask"],
+        "old_logprobs": batch["old_logprobs"],
+        "topk_rollout_logprobs": batch["topk_rollout_logprobs"],
+        "topk_train_logprobs": batch["topk_train_logprobs"],
+    }
+    return PolicyLossInput(**(fields | kwargs))
+
+
 def run_both(batch: dict, cfg: LossConfig, **kwargs):
     lp = batch["logprobs"].clone().requires_grad_(True)
-    loss, metrics = compute_policy_loss(
-        lp,
-        batch["rollout_logprobs"],
-        batch["advantages"],
-        batch["mask"],
-        cfg,
-        old_logprobs=batch["old_logprobs"],
-        topk_rollout_logprobs=batch["topk_rollout_logprobs"],
-        topk_train_logprobs=batch["topk_train_logprobs"],
-        **kwargs,
-    )
+    loss, metrics = compute_policy_loss(loss_input(batch, lp, **kwargs), cfg)
     loss.backward()
     ref_loss, ref_grad, ref_keep = reference_loss(
         cfg.mode,
@@ -137,7 +145,7 @@ def test_paper_examples_masks(mode, kept):
     lp, lmu, adv, mask = _paper_tokens()
     lp.requires_grad_(True)
     cfg = LossConfig(mode=mode, clip_low=0.2, clip_high=0.2)
-    loss, metrics = compute_policy_loss(lp, lmu, adv, mask, cfg, global_num_tokens=1)
+    loss, metrics = compute_policy_loss(PolicyLossInput(lp, lmu, adv, mask, global_num_tokens=1), cfg)
     loss.backward()
     r = torch.exp(lp.detach() - lmu)[0]
     assert r[0].item() == pytest.approx(100.0) and r[1].item() == pytest.approx(0.80 / 0.99)
@@ -203,7 +211,7 @@ def test_gradient_formula_with_truncation():
     lp = torch.log(torch.tensor([[0.5, 0.55, 0.1, 0.3]], dtype=torch.float64)).requires_grad_(True)
     adv = torch.tensor([1.0], dtype=torch.float64)
     cfg = LossConfig(mode="pg_is", ratio_cap=3.0)
-    loss, metrics = compute_policy_loss(lp, lmu, adv, torch.ones(1, 4), cfg)
+    loss, metrics = compute_policy_loss(PolicyLossInput(lp, lmu, adv, torch.ones(1, 4)), cfg)
     loss.backward()
     r = (lp.detach() - lmu).exp()[0]
     expected = [-min(x, 3.0) / 4 for x in r.tolist()]
@@ -225,7 +233,8 @@ def test_fp32_inputs_agree_with_fp64():
 def test_loss_value_sign_convention():
     """A kept token with r = 1 and A = +1 contributes −1 (token-mean over one token)."""
     lp = torch.zeros(1, 1, dtype=torch.float64).log_softmax(-1) + math.log(0.3)
-    loss, _ = compute_policy_loss(lp.requires_grad_(), lp.detach(), torch.ones(1), torch.ones(1, 1), LossConfig())
+    inputs = PolicyLossInput(lp.requires_grad_(), lp.detach(), torch.ones(1), torch.ones(1, 1))
+    loss, _ = compute_policy_loss(inputs, LossConfig())
     assert loss.item() == pytest.approx(-1.0)
 
 
@@ -252,7 +261,7 @@ def test_sharded_batches_sum_to_whole_batch(agg, mode):
 def test_masked_tokens_stay_in_denominator():
     lp = torch.log(torch.tensor([[0.5, 0.5]], dtype=torch.float64))
     lmu = torch.log(torch.tensor([[0.5, 0.99]], dtype=torch.float64))  # 2nd token: π fell by 0.49 → masked for A<0
-    loss, metrics = compute_policy_loss(lp, lmu, -torch.ones(1), torch.ones(1, 2), LossConfig())
+    loss, metrics = compute_policy_loss(PolicyLossInput(lp, lmu, -torch.ones(1), torch.ones(1, 2)), LossConfig())
     assert metrics["mask_frac"] == 0.5
     assert loss.item() == pytest.approx(1.0 / 2)  # one kept token (r = 1, A = −1) over two tokens
 
@@ -324,10 +333,11 @@ def test_numerical_edges(dtype):
         cfg = LossConfig(mode=mode)
         x = lp.clone().requires_grad_(True)
         adv = torch.tensor([-1.0], dtype=dtype)
-        loss, metrics = compute_policy_loss(
-            x, lmu, adv, torch.ones_like(lp), cfg,
+        inputs = PolicyLossInput(
+            x, lmu, adv, torch.ones_like(lp),
             old_logprobs=lmu, topk_rollout_logprobs=lmu[..., None], topk_train_logprobs=lp[..., None],
         )  # fmt: skip
+        loss, metrics = compute_policy_loss(inputs, cfg)
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(x.grad).all(), mode
         assert all(math.isfinite(v) for v in metrics.values()), mode
@@ -345,7 +355,7 @@ def test_metrics_against_hand_computation():
     lmu = torch.tensor([mu], dtype=torch.float64).log()
     lp = torch.tensor([pi], dtype=torch.float64).log()
     mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])  # the last token is padding
-    _, m = compute_policy_loss(lp, lmu, torch.tensor([adv], dtype=torch.float64), mask, LossConfig())
+    _, m = compute_policy_loss(PolicyLossInput(lp, lmu, torch.tensor([adv], dtype=torch.float64), mask), LossConfig())
     # TV: |Δ| = .6 (A<0, fell → masked), .2 (A>0, rose → masked), 0 (kept), .04 (kept)
     assert m["mask_frac"] == pytest.approx(2 / 4)
     assert m["mask_frac_pos"] == pytest.approx(1 / 2) and m["mask_frac_neg"] == pytest.approx(1 / 2)
@@ -373,7 +383,9 @@ def test_registering_a_new_mode_is_one_function():
         batch = make_batch(12)
         lp = batch["logprobs"].clone().requires_grad_(True)
         cfg = LossConfig(mode="test_keep_all_unit_weight", agg="seq-mean-token-sum")
-        loss, _ = compute_policy_loss(lp, batch["rollout_logprobs"], batch["advantages"], batch["mask"], cfg)
+        loss, _ = compute_policy_loss(
+            PolicyLossInput(lp, batch["rollout_logprobs"], batch["advantages"], batch["mask"]), cfg
+        )
         loss.backward()
         expected = -(batch["advantages"][:, None] * batch["mask"]) / batch["mask"].shape[0]
         torch.testing.assert_close(lp.grad, expected)
@@ -385,30 +397,33 @@ def _every_third(t: torch.Tensor) -> torch.Tensor:
     return torch.arange(t.numel()).reshape(t.shape) % 3 == 0
 
 
-def _args(batch):
-    return [batch[k] for k in ("logprobs", "rollout_logprobs", "advantages", "mask")]
+def _required(batch: dict) -> PolicyLossInput:
+    return PolicyLossInput(batch["logprobs"], batch["rollout_logprobs"], batch["advantages"], batch["mask"])
 
 
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda a, kw: a.__setitem__(1, a[1][:, :-1]), "rollout_logprobs has shape"),
-        (lambda a, kw: a.__setitem__(2, a[2][:-1]), "advantages has shape"),
-        (lambda a, kw: a.__setitem__(0, a[0].masked_fill(a[3].bool() & _every_third(a[0]), math.nan)), "logprobs has"),
-        (lambda a, kw: a.__setitem__(1, a[1].masked_fill(a[3].bool(), math.inf)), "rollout_logprobs has"),
-        (lambda a, kw: a.__setitem__(1, a[1].masked_fill(a[3].bool(), 0.5)), r"log-prob\(s\) > 0"),
-        (lambda a, kw: kw.__setitem__("topk_train_logprobs", kw["topk_train_logprobs"][..., :-1]), "Top-K size"),
-        (lambda a, kw: kw.__setitem__("topk_train_logprobs", None), "needs topk"),
-        (lambda a, kw: kw.__setitem__("global_num_tokens", 0), "global_num_tokens"),
+        (lambda x: {"rollout_logprobs": x.rollout_logprobs[:, :-1]}, "rollout_logprobs has shape"),
+        (lambda x: {"response_mask": x.response_mask[:, :-1]}, "response_mask has shape"),
+        (lambda x: {"advantages": x.advantages[:-1]}, "advantages has shape"),
+        (lambda x: {"logprobs": x.logprobs.masked_fill(x.response_mask.bool() & _every_third(x.logprobs), math.nan)},
+         "logprobs has"),
+        (lambda x: {"rollout_logprobs": x.rollout_logprobs.masked_fill(x.response_mask.bool(), math.inf)},
+         "rollout_logprobs has"),
+        (lambda x: {"rollout_logprobs": x.rollout_logprobs.masked_fill(x.response_mask.bool(), 0.5)},
+         r"log-prob\(s\) > 0"),
+        (lambda x: {"topk_train_logprobs": x.topk_train_logprobs[..., :-1]}, "Top-K size"),
+        (lambda x: {"topk_train_logprobs": None}, "needs topk"),
+        (lambda x: {"global_num_tokens": 0}, "global_num_tokens"),
     ],
 )  # fmt: skip
 def test_bad_input_raises_one_clear_line(mutate, message):
     batch = make_batch(13)
-    args = _args(batch)
-    kw = {"topk_rollout_logprobs": batch["topk_rollout_logprobs"], "topk_train_logprobs": batch["topk_train_logprobs"]}
-    mutate(args, kw)
+    inputs = dataclasses.replace(_required(batch), topk_rollout_logprobs=batch["topk_rollout_logprobs"],
+                                 topk_train_logprobs=batch["topk_train_logprobs"])  # fmt: skip
     with pytest.raises(ValueError, match=message) as err:
-        compute_policy_loss(*args, LossConfig(mode="dppo_topk_tv"), **kw)
+        compute_policy_loss(dataclasses.replace(inputs, **mutate(inputs)), LossConfig(mode="dppo_topk_tv"))
     assert "\n" not in str(err.value)
 
 
@@ -416,7 +431,7 @@ def test_missing_old_logprobs_is_a_clear_error():
     batch = make_batch(14)
     for mode in ("minirl", "dppo_binary_tv_decoupled", "dppo_binary_kl_decoupled"):
         with pytest.raises(ValueError, match="needs old_logprobs"):
-            compute_policy_loss(*_args(batch), LossConfig(mode=mode))
+            compute_policy_loss(_required(batch), LossConfig(mode=mode))
 
 
 @pytest.mark.parametrize(
@@ -439,3 +454,51 @@ def test_default_deltas_by_divergence():
     assert LossConfig(mode="dppo_binary_tv").deltas("tv") == (0.15, 0.15)
     assert LossConfig(mode="dppo_binary_kl").deltas("kl") == (0.05, 0.05)
     assert LossConfig(delta_low=0.1).deltas("tv") == (0.1, 0.15)
+
+
+# --- The call forms and the helpers around the loss ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_deprecated_positional_form_gives_identical_results(mode):
+    """The old call form (kept while other callers migrate) must give bit-identical loss, gradient and metrics."""
+    batch = make_batch(15, dtype=torch.float32)
+    cfg = LossConfig(mode=mode, agg="seq-mean-token-mean")
+    new_lp, old_lp = (batch["logprobs"].clone().requires_grad_(True) for _ in range(2))
+    new_loss, new_metrics = compute_policy_loss(loss_input(batch, new_lp, global_num_seqs=9.0), cfg)
+    old_loss, old_metrics = compute_policy_loss(
+        old_lp, batch["rollout_logprobs"], batch["advantages"], batch["mask"], cfg,
+        old_logprobs=batch["old_logprobs"], topk_rollout_logprobs=batch["topk_rollout_logprobs"],
+        topk_train_logprobs=batch["topk_train_logprobs"], global_num_seqs=9.0,
+    )  # fmt: skip
+    (new_loss + old_loss).backward()
+    assert torch.equal(new_loss, old_loss) and torch.equal(new_lp.grad, old_lp.grad)
+    assert new_metrics == old_metrics and list(new_metrics) == list(old_metrics)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mismatch_metrics_equal_the_loss_metrics(dtype):
+    """`mismatch_metrics` measures the μ‖π mismatch without a loss call, with exactly the loss's numbers."""
+    batch = make_batch(16, b=10, t=12, dtype=dtype, spread=2.0)
+    pad = ~batch["mask"].bool()
+    lp, lmu = batch["logprobs"].masked_fill(pad, math.nan), batch["rollout_logprobs"].masked_fill(pad, 7.0)
+    _, from_loss = compute_policy_loss(PolicyLossInput(lp, lmu, batch["advantages"], batch["mask"]), LossConfig())
+    measured = mismatch_metrics(lp, lmu, batch["mask"])
+    assert list(measured) == ["mismatch_kl_k1", "mismatch_kl_k3", "abs_prob_diff_mean", "abs_prob_diff_max"]
+    assert measured == {key: from_loss[key] for key in measured}
+    assert measured["mismatch_kl_k1"] > 0 and measured["abs_prob_diff_max"] > measured["abs_prob_diff_mean"] > 0
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_optional_inputs_say_what_a_mode_needs(mode):
+    """Filling exactly `optional_inputs` is enough, and each listed input is really required."""
+    spec = get_mode(mode)
+    assert ("old_logprobs" in spec.optional_inputs) == spec.needs_old_logprobs
+    assert ("topk_train_logprobs" in spec.optional_inputs) == spec.needs_topk
+    batch = make_batch(17)
+    given = {name: batch[name] for name in spec.optional_inputs}
+    loss, _ = compute_policy_loss(dataclasses.replace(_required(batch), **given), LossConfig(mode=mode))
+    assert torch.isfinite(loss)
+    for name in spec.optional_inputs:
+        with pytest.raises(ValueError, match="needs"):
+            compute_policy_loss(dataclasses.replace(_required(batch), **(given | {name: None})), LossConfig(mode=mode))

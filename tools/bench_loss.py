@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from nemo_dppo.losses import LossConfig, compute_policy_loss
+from nemo_dppo.losses import LossConfig, PolicyLossInput, compute_policy_loss
 
 
 def make_inputs(batch: int, tokens: int, topk: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -44,9 +44,8 @@ def time_mode(mode: str, inputs: dict[str, torch.Tensor], repeats: int) -> float
     for i in range(repeats + 1):
         logprobs = inputs["logprobs"].clone().requires_grad_(True)
         start = time.perf_counter()
-        loss, _ = compute_policy_loss(
-            logprobs, inputs["rollout_logprobs"], inputs["advantages"], inputs["mask"], cfg, **extra
-        )
+        batch = PolicyLossInput(logprobs, inputs["rollout_logprobs"], inputs["advantages"], inputs["mask"], **extra)
+        loss, _ = compute_policy_loss(batch, cfg)
         loss.backward()
         if i:  # the first call warms up allocators
             times.append(time.perf_counter() - start)

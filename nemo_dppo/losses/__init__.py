@@ -1,23 +1,59 @@
-"""DPPO and its baselines as policy losses (Qi et al. 2026, Eqs. 11-16)."""
+"""DPPO and its baselines as policy losses (Qi et al. 2026, Eqs. 11-16): the package's public surface.
 
-from nemo_dppo.losses.aggregation import aggregate_loss
-from nemo_dppo.losses.config import AGGREGATIONS, LossConfig
-from nemo_dppo.losses.divergence import binary_kl, binary_tv, topk_kl, topk_tv
-from nemo_dppo.losses.modes import LOSS_MODES, TrustRegion, get_mode, register_mode
-from nemo_dppo.losses.policy_loss import compute_policy_loss
-from nemo_dppo.losses.token_view import TokenView
+`dppo.py` is the algorithm (read it first). `baselines.py` registers the comparison modes into the same registry;
+importing it here registers every mode whichever submodule a caller imports. `checks.py` and `metrics.py` are
+leaves; `legacy.py` keeps the old positional call form of `compute_policy_loss` working until callers migrate.
+"""
+
+from nemo_dppo.losses import baselines  # noqa: F401  (registers ppo_clip, cispo, … into LOSS_MODES)
+from nemo_dppo.losses.checks import check_policy_loss_inputs
+from nemo_dppo.losses.dppo import (
+    AGGREGATIONS,
+    DEFAULT_DELTA,
+    LOG_RATIO_CLAMP,
+    LOSS_MODES,
+    PROB_FLOOR,
+    RELAX_CHOICES,
+    LossConfig,
+    LossMode,
+    PolicyLossInput,
+    TokenView,
+    TrustRegion,
+    aggregate_loss,
+    bernoulli_kl,
+    binary_kl,
+    binary_tv,
+    get_mode,
+    mismatch_metrics,
+    register_mode,
+    topk_kl,
+    topk_tv,
+)
+from nemo_dppo.losses.legacy import compute_policy_loss  # the one call form, and the deprecated one
+from nemo_dppo.losses.metrics import BAD_UPDATE_PROB_DROP, policy_metrics
 
 __all__ = [
     "AGGREGATIONS",
+    "BAD_UPDATE_PROB_DROP",
+    "DEFAULT_DELTA",
+    "LOG_RATIO_CLAMP",
     "LOSS_MODES",
+    "PROB_FLOOR",
+    "RELAX_CHOICES",
     "LossConfig",
+    "LossMode",
+    "PolicyLossInput",
     "TokenView",
     "TrustRegion",
     "aggregate_loss",
+    "bernoulli_kl",
     "binary_kl",
     "binary_tv",
+    "check_policy_loss_inputs",
     "compute_policy_loss",
     "get_mode",
+    "mismatch_metrics",
+    "policy_metrics",
     "register_mode",
     "topk_kl",
     "topk_tv",
