@@ -88,3 +88,11 @@ def neg_mask(view: TokenView) -> TrustRegion:
     """Sec. 5.3: drop only negative-advantage tokens whose probability fell by μ − π ≥ δ (δ = 0.5)."""
     fell_by_delta = (view.mu - view.pi) >= view.cfg.neg_mask_delta
     return TrustRegion(~(view.negative & fell_by_delta), view.truncated_ratio)
+
+
+@register_mode("neg_mask_decoupled", needs_old_logprobs=True)
+def neg_mask_decoupled(view: TokenView) -> TrustRegion:
+    """Figure 5's control: the `neg_mask` rule with the recomputed π_old as anchor (π_old − π ≥ δ)."""
+    assert view.log_old is not None
+    fell_by_delta = (torch.exp(view.log_old) - view.pi) >= view.cfg.neg_mask_delta
+    return TrustRegion(~(view.negative & fell_by_delta), view.truncated_ratio)
