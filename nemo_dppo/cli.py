@@ -1,4 +1,4 @@
-"""The `nemo-dppo` command: `train`, `eval`, `plot`, `demo`.
+"""The `nemo-dppo` command: `train`, `reproduce`, `eval`, `plot`, `demo`.
 
 User errors (bad config, missing paths) print one `error:` line and exit with status 2, without a traceback.
 """
@@ -18,6 +18,15 @@ def _parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="run RL training (default config: conf/tiny_cpu.yaml)")
     train.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+
+    rep = sub.add_parser("reproduce", help="the paper's experiments (Figs. 3-7, App. G.2) on the sanity task")
+    rep.add_argument("experiments", nargs="*", metavar="EXPERIMENT|key=value",
+                     help="stability, anchor, bad_updates, relax, topk (default: all); key=value overrides "
+                          "apply to every run")  # fmt: skip
+    rep.add_argument("--seeds", type=int, default=3, help="seeds per method and learning rate (default: 3)")
+    rep.add_argument("--jobs", type=int, default=None, help="runs side by side (default: the number of cores)")
+    rep.add_argument("--quick", action="store_true", help="4 steps, 1 seed, 1 learning rate: the machinery only")
+    rep.add_argument("--out", default=None, help="output directory (default: runs/reproduce, or runs/reproduce_quick)")
 
     plot = sub.add_parser("plot", help="overlay the metrics of one or more run directories")
     plot.add_argument("run_dirs", nargs="+")
@@ -85,6 +94,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress=not args.no_progress,
             )
             print(result.summary())
+        elif args.command == "reproduce":
+            from pathlib import Path
+
+            from nemo_dppo.reproduce.command import check_args, reproduce
+
+            check_args(args.seeds, args.jobs)
+            names = [a for a in args.experiments if "=" not in a]
+            overrides = [a for a in args.experiments if "=" in a]
+            out = Path(args.out or ("runs/reproduce_quick" if args.quick else "runs/reproduce"))
+            try:
+                reproduce(names, args.seeds, args.jobs, args.quick, out, overrides)
+            except ValueError as err:  # an unknown experiment name
+                raise UserError(str(err)) from None
         elif args.command == "plot":
             from nemo_dppo.plots import plot_runs
 

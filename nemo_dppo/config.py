@@ -21,13 +21,17 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from nemo_dppo.advantages import ADVANTAGE_ESTIMATORS
 from nemo_dppo.errors import UserError
-from nemo_dppo.losses.config import LossConfig
+from nemo_dppo.losses import LossConfig, get_mode
+from nemo_dppo.tasks import TASK_NAMES
 
 #: Presets shipped with the project (conf/ next to the package in a source checkout / editable install).
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DEFAULT_CONFIG = CONF_DIR / "tiny_cpu.yaml"
 
 DTYPES = ("fp32", "bf16", "fp16")
+#: Top-K size when a Top-K loss mode runs and `rollout.logprobs_topk` is unset (the paper's K = 20).
+DEFAULT_TOPK = 20
+RECOMPUTE_CHOICES = ("auto", "always", "never")
 
 
 class ConfigError(UserError, ValueError):
@@ -87,7 +91,9 @@ class ModelConfig:
 class TaskConfig:
     """The verifiable task (rule-based reward, +1 / −1 by default).
 
-    `arithmetic`: synthetic `a op b` problems (`num_digits`, `ops`). `math`: prompts and answers from files written
+    `arithmetic`: synthetic `a op b` problems (`num_digits`, `ops`). `sanity`: step-by-step `num_digits`-digit
+    addition on a fixed training set of `num_train` problems, curated from `curation_candidates` by pass@`curation_k`
+    > 0 under the initial policy (the paper's Section 5 setting). `math`: prompts and answers from files written
     by tools/prepare_data.py (`train_path`; `eval_path`, or 1 % of `train_path` held out), scored by the
     math-verify boxed-answer reward with a `reward_timeout_s` deadline per response; needs `model.path`.
     """
@@ -102,10 +108,18 @@ class TaskConfig:
     train_path: str | None = None
     eval_path: str | None = None
     reward_timeout_s: float = 5.0
+    num_train: int = 512
+    curation_k: int = 8
+    curation_candidates: int = 1024
 
     def __post_init__(self) -> None:
-        _one_of("task", "name", self.name, ("arithmetic", "math"))
+        _one_of("task", "name", self.name, TASK_NAMES)
         _positive("task", num_digits=self.num_digits, num_eval_prompts=self.num_eval_prompts)
+        _positive("task", num_train=self.num_train, curation_k=self.curation_k)
+        if self.name == "sanity" and self.num_train > self.curation_candidates:
+            raise ConfigError(
+                f"task.num_train={self.num_train} exceeds task.curation_candidates={self.curation_candidates}"
+            )
         for op in self.ops:
             _one_of("task", "ops[]", op, ("+", "-", "*"))
         if self.name == "math" and not self.train_path:
@@ -214,7 +228,10 @@ class TrainConfig:
     Each rollout step has `prompts_per_step × rollout.n` samples, split into `mini_batches` optimiser steps (the
     paper: 8), so later mini-batches are off-policy. `micro_batch_size` bounds one forward (gradient accumulation).
     `precision`: fp32, or bf16 / fp16 mixed precision with fp32 master weights (fp16 with dynamic loss scaling).
-    `megatron`: the parallel layout when `backend=megatron`.
+    `megatron`: the parallel layout when `backend=megatron`. `recompute_old_logprobs`: `auto` recomputes log π_old
+    over the whole batch before the update only when the loss mode reads it (decoupled modes, `minirl`); the
+    on-policy mismatch and entropy metrics then come from the first mini-batch's forward, which runs before any
+    update and so is exactly π_old on its tokens. `always` recomputes every step; `never` refuses modes needing it.
     """
 
     backend: str = "hf"
@@ -226,10 +243,12 @@ class TrainConfig:
     prompts_per_step: int = 16
     mini_batches: int = 8
     micro_batch_size: int | None = None
+    recompute_old_logprobs: str = "auto"
     megatron: MegatronConfig = field(default_factory=MegatronConfig)
 
     def __post_init__(self) -> None:
         _one_of("train", "backend", self.backend, ("hf", "megatron"))
+        _one_of("train", "recompute_old_logprobs", self.recompute_old_logprobs, RECOMPUTE_CHOICES)
         _one_of("train", "precision", self.precision, DTYPES)
         _positive("train", lr=self.lr, grad_clip=self.grad_clip, prompts_per_step=self.prompts_per_step)
         _positive("train", mini_batches=self.mini_batches)
@@ -246,6 +265,18 @@ class PrecisionConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation every `eval_every` steps: greedy accuracy, and with `k` > 0 also `k` samples per prompt
+    at the rollout temperature / top-p (the paper's online avg@k; `eval/avg@k`, `eval/pass@k`)."""
+
+    k: int = 0
+
+    def __post_init__(self) -> None:
+        if self.k < 0:
+            raise ConfigError(f"eval.k={self.k} must be ≥ 0")
+
+
+@dataclass
 class AdvantageConfig:
     estimator: str = "dr_grpo"
     eps: float = 1e-6
@@ -256,7 +287,11 @@ class AdvantageConfig:
 
 @dataclass
 class Config:
-    """A whole run. `run_dir` holds metrics, TensorBoard logs, checkpoints, plots and the report."""
+    """A whole run. `run_dir` holds metrics, TensorBoard logs, checkpoints, plots and the report.
+
+    `threads`: torch intra-op threads of this run (0: torch's default); runs side by side want 1 each.
+    `plots`: write the run's PNG plots and report.md at the end (sweeps turn it off and plot once).
+    """
 
     run_dir: str = "runs/default"
     seed: int = 0
@@ -266,6 +301,8 @@ class Config:
     keep_checkpoints: int = 2
     resume: bool = False
     progress: bool = True
+    threads: int = 0
+    plots: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
@@ -274,6 +311,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         if self.task.name == "math" and self.model.path is None:
@@ -283,13 +321,29 @@ class Config:
             )
         _positive("run", steps=self.steps, eval_every=self.eval_every, save_every=self.save_every)
         _positive("run", keep_checkpoints=self.keep_checkpoints)
+        if self.threads < 0:
+            raise ConfigError(f"threads={self.threads} must be ≥ 0 (0: torch's default)")
         if self.precision.match_rollout:
             self.rollout.dtype = self.train.precision
+        self._resolve_topk()
         samples = self.train.prompts_per_step * self.rollout.n
         if samples % self.train.mini_batches:
             raise ConfigError(
                 f"train.prompts_per_step × rollout.n = {samples} samples is not divisible by "
                 f"train.mini_batches={self.train.mini_batches}"
+            )
+
+
+    def _resolve_topk(self) -> None:
+        """K, once for the whole run: `rollout.logprobs_topk`, or DEFAULT_TOPK for Top-K modes, else 0."""
+        mode = get_mode(self.loss.mode)
+        if self.rollout.logprobs_topk is None:
+            self.rollout.logprobs_topk = DEFAULT_TOPK if mode.needs_topk else 0
+        if mode.needs_topk and self.rollout.logprobs_topk == 0:
+            raise ConfigError(f"loss.mode={self.loss.mode} needs Top-K log-probs; set rollout.logprobs_topk > 0")
+        if mode.needs_old_logprobs and self.train.recompute_old_logprobs == "never":
+            raise ConfigError(
+                f"loss.mode={self.loss.mode} reads log π_old: train.recompute_old_logprobs=never cannot run it"
             )
 
 

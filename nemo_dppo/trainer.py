@@ -1,144 +1,83 @@
-"""The single-node RL loop: rollout (μ) → log π_old → mini-batch updates with the policy loss → weight sync.
+"""The single-node RL loop: rollout (μ) → [log π_old] → mini-batch updates with the policy loss → weight sync.
 
 Per step: `prompts_per_step` prompts × `rollout.n` samples; group-relative advantages; the batch is split into
 `train.mini_batches` optimizer steps (the paper: 8), so every mini-batch after the first is off-policy with
-respect to μ — exactly the regime the trust region is for.
+respect to μ — exactly the regime the trust region is for. The loop names no backend: engines come from
+`nemo_dppo.engines` by name and are used only through their protocols (`engines/base.py`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
-from types import FrameType
-from typing import Any
 
 import torch
 import transformers
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from nemo_dppo import launch
 from nemo_dppo.advantages import compute_advantages
 from nemo_dppo.batching import RolloutBatch, collate_rollouts
 from nemo_dppo.checkpoint import CheckpointManager, TrainerState, set_rng_state
 from nemo_dppo.config import Config, to_yaml
-from nemo_dppo.engines.base import RolloutEngine, SamplingParams
-from nemo_dppo.engines.hf_rollout import HFRolloutEngine
-from nemo_dppo.engines.hf_training import HFTrainingEngine
+from nemo_dppo.engines import make_rollout_engine, make_training_engine
+from nemo_dppo.engines.base import SamplingParams
 from nemo_dppo.errors import UserError
-from nemo_dppo.losses import compute_policy_loss
-from nemo_dppo.losses.modes import get_mode
+from nemo_dppo.evaluate import encode_prompt, pass_at_k
+from nemo_dppo.losses import get_mode
 from nemo_dppo.megatron.job import Job
-from nemo_dppo.models.tiny_moe import load_model_dir
+from nemo_dppo.run_control import NoLogger, average_metrics, progress_bar, stop_signals, timed
 from nemo_dppo.run_logger import RunLogger
-from nemo_dppo.tasks.arithmetic import ArithmeticTask, Problem, reward
+from nemo_dppo.step_metrics import DroppedTokenLog, DroppedTokens, count_dropped, on_policy_metrics
+from nemo_dppo.tasks import Problem, make_task
 from nemo_dppo.warm_start import warm_started_model_dir
-
-#: Top-K size when a Top-K loss mode runs and `rollout.logprobs_topk` is unset (the paper's K).
-DEFAULT_TOPK = 20
 
 
 class Trainer:
-    """The RL loop. With `train.backend=megatron` every rank of the job builds one (its shard of the policy);
-    rank 0 alone owns the rollout engine, evaluation, logging and checkpoint writing, and broadcasts each step's
-    rollout batch to the other ranks (`nemo_dppo.megatron.job`)."""
+    """The RL loop. In a multi-rank job every rank builds one (its shard of the policy); rank 0 alone owns the
+    rollout engine, evaluation, logging and checkpoint writing, and broadcasts each step's rollout batch."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.console = Console(stderr=True)
         self.mode = get_mode(cfg.loss.mode)
-        self.topk = cfg.rollout.logprobs_topk if cfg.rollout.logprobs_topk is not None else 0
-        if self.mode.needs_topk and cfg.rollout.logprobs_topk is None:
-            self.topk = DEFAULT_TOPK
-        if self.mode.needs_topk and self.topk == 0:
-            raise UserError(f"loss.mode={cfg.loss.mode} needs Top-K log-probs; set rollout.logprobs_topk > 0")
-        self.job = Job.start(cfg)  # joins the process group of a multi-rank Megatron job (one rank: no-op)
-        if self.job.is_main:
+        self.topk = int(cfg.rollout.logprobs_topk or 0)  # resolved once, by the config
+        self.recompute = self.mode.needs_old_logprobs or cfg.train.recompute_old_logprobs == "always"
+        self.job = Job.start(cfg)  # joins the process group of a multi-rank job (one rank: no-op)
+        main = self.job.is_main
+        if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.checkpoints = CheckpointManager(self.run_dir, keep=cfg.keep_checkpoints) if self.job.is_main else None
+        self.checkpoints = CheckpointManager(self.run_dir, keep=cfg.keep_checkpoints) if main else None
         self.state = TrainerState(step=0)
         resume_from = self.job.share(self.checkpoints.latest() if cfg.resume and self.checkpoints else None)
         torch.manual_seed(cfg.seed)
-        model_dir = resume_from / "model" if resume_from is not None else self.job.share(self._main_model_dir())
-        self.model, self.tokenizer = _load_policy(model_dir) if self.job.is_main else (None, None)
+        initial_dir = self.job.share(Trainer.initial_model_dir(cfg) if main else None)
+        model_dir = resume_from / "model" if resume_from is not None else initial_dir
+        self.train_engine = make_training_engine(cfg, model_dir)
+        self.tokenizer = _load_tokenizer(model_dir) if main else None
         if self.tokenizer is not None and self.topk > len(self.tokenizer):
             raise UserError(f"rollout.logprobs_topk={self.topk} exceeds the vocabulary size {len(self.tokenizer)}")
-        self.train_engine = self._training_engine(model_dir)
-        self.rollout_engine = self._make_rollout_engine(model_dir) if self.job.is_main else None
+        self.rollout_engine = make_rollout_engine(cfg, model_dir, self.tokenizer, self.topk) if main else None
+        self.resumed_from = resume_from
         if resume_from is not None:
             self._resume(resume_from)
-        self.task, self.reward_fn = _make_task(cfg)
+        self.task = make_task(cfg.task, curated_dir=initial_dir if cfg.model.path is None else None)
         # Math prompts go through the model's chat template when it has one (as `nemo-dppo eval` does).
         self.use_chat_template = cfg.task.name == "math" and bool(getattr(self.tokenizer, "chat_template", None))
         self.train_problems = self.task.all_problems("train")
         self.eval_problems = self.task.all_problems("eval")[: cfg.task.num_eval_prompts]
-        if self.job.is_main:
+        if main:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        self.dropped_log: DroppedTokenLog | None = None  # opened by fit()
         self._stop_signal: str | None = None
-
-    def _make_rollout_engine(self, model_dir: Path) -> RolloutEngine:
-        """`rollout.engine`: `hf` (transformers generate) or `vllm` (in-process vLLM, loaded from `model_dir`)."""
-        rollout = self.cfg.rollout
-        if rollout.engine != "vllm":
-            return HFRolloutEngine(self.model, self.tokenizer, dtype=rollout.dtype)
-        from nemo_dppo.engines.vllm_internals import VLLMUnavailableError
-
-        try:
-            from nemo_dppo.engines.vllm_rollout import VLLMRolloutEngine
-
-            return VLLMRolloutEngine(
-                str(model_dir),
-                self.tokenizer,
-                dtype=rollout.dtype,
-                max_model_len=rollout.vllm_max_model_len,
-                kv_cache_mb=rollout.vllm_kv_cache_mb,
-                max_logprobs=max(self.topk, 20),
-                seed=self.cfg.seed,
-            )
-        except VLLMUnavailableError as err:
-            raise UserError(str(err)) from None
-
-    def _training_engine(self, model_dir: Path) -> Any:
-        cfg = self.cfg
-        if cfg.train.backend == "megatron":
-            from nemo_dppo.engines.megatron_training import MegatronTrainingEngine
-
-            return MegatronTrainingEngine(
-                model_dir,
-                cfg.train,
-                temperature=cfg.rollout.temperature,
-                router_replay=cfg.rollout.router_replay,
-                seed=cfg.seed,
-            )
-        return HFTrainingEngine(
-            self.model, cfg.train, temperature=cfg.rollout.temperature, router_replay=cfg.rollout.router_replay
-        )
 
     def _resume(self, checkpoint: Path) -> None:
         self.state, payload = CheckpointManager.load_state(checkpoint)
-        if self.cfg.train.backend == "megatron":
-            from nemo_dppo.megatron.checkpoint_io import load_shard
-
-            load_shard(checkpoint, self.train_engine)  # model, optimizer (+ fp16 loss scale), this rank's RNG
-        else:
-            self.train_engine.optimizer.load_state_dict(payload["optimizer"])
-            if self.train_engine.scaler is not None and "grad_scaler" in payload:
-                self.train_engine.scaler.load_state_dict(payload["grad_scaler"])
+        self.train_engine.load_checkpoint(checkpoint, payload)
         if self.job.is_main:
             set_rng_state(payload["rng"])
             self.console.print(f"resumed from {checkpoint} (step {self.state.step})")
-
-    def _main_model_dir(self) -> Path | None:
-        """The initial policy directory, prepared (warm start) by the main rank only."""
-        return self._initial_model_dir() if self.job.is_main else None
-
-    def _initial_model_dir(self) -> Path:
-        return Trainer.initial_model_dir(self.cfg)
 
     @staticmethod
     def initial_model_dir(cfg: Config) -> Path:
@@ -150,17 +89,13 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ loop
     def fit(self) -> dict[str, float]:
         """Train until `cfg.steps` (or a stop signal); returns the last step's metrics (on the main rank)."""
-        cfg = self.cfg
+        cfg, main = self.cfg, self.job.is_main
         last: dict[str, float] = {}
-        main = self.job.is_main
-        with (
-            _stop_signals(self),
-            RunLogger(self.run_dir, resume_from_step=self.state.step if self.cfg.resume else -1)
-            if main
-            else _NoLogger() as log,
-            _progress(cfg.progress and main, self.console) as progress,
-        ):
-            task_id = progress.add_task("DPPO", total=cfg.steps, completed=self.state.step, reward=float("nan"))
+        resume_step = self.state.step if self.resumed_from is not None else -1  # -1: a fresh run
+        self.dropped_log = DroppedTokenLog(self.run_dir, resume_step) if main else None
+        logger = RunLogger(self.run_dir, resume_from_step=resume_step) if main else NoLogger()
+        with stop_signals(self.request_stop), logger as log, progress_bar(cfg.progress and main, self.console) as bar:
+            task_id = bar.add_task("DPPO", total=cfg.steps, completed=self.state.step, reward=float("nan"))
             if self.state.step == 0 and main:
                 log.log(0, self.evaluate())
             while self.state.step < cfg.steps and not self.job.any(self._stop_signal is not None):
@@ -170,7 +105,7 @@ class Trainer:
                     last.update(self.evaluate())
                 self.state.step = step
                 log.log(step, last)
-                progress.update(task_id, advance=1, reward=last.get("reward/mean", float("nan")))
+                bar.update(task_id, advance=1, reward=last.get("reward/mean", float("nan")))
                 stopping = self.job.any(self._stop_signal is not None)
                 if step % cfg.save_every == 0 or step == cfg.steps or stopping:
                     self.save()
@@ -183,26 +118,30 @@ class Trainer:
 
     def train_one_step(self, step: int) -> dict[str, float]:
         timings: dict[str, float] = {}
-        start = time.perf_counter()
-        problems = self._prompts_for_step(step)
-        with _timed(timings, "rollout"):
-            batch, rollout_metrics = self.job.share(self.rollout(problems, step) if self.job.is_main else None)
-        with _timed(timings, "logprob"):
-            old = self.train_engine.compute_logprobs(batch, with_topk=self.mode.needs_topk)
-            batch.old_logprobs = old.token.logprobs
-            on_policy = self._on_policy_metrics(batch, old)
-        with _timed(timings, "train"):
-            train_metrics = self.update(batch, step)
-        with _timed(timings, "sync"):
-            weights = self.train_engine.hf_state_dict()  # collective on a multi-rank job
-            if self.rollout_engine is not None:
-                self.rollout_engine.sync_weights(weights)
-        timings["step"] = time.perf_counter() - start
+        with timed(timings, "step"):
+            with timed(timings, "rollout"):
+                shared = self.job.share(self.rollout(self._prompts_for_step(step), step) if self.job.is_main else None)
+                batch, rollout_metrics = shared
+            on_policy: dict[str, float] = {}
+            if self.recompute:
+                with timed(timings, "logprob"):
+                    old = self.train_engine.compute_logprobs(batch)
+                    batch = replace(batch, old_logprobs=old.token.logprobs)
+                    on_policy = on_policy_metrics(batch, old)
+            with timed(timings, "train"):
+                train_metrics, dropped = self.update(batch, step, on_policy)
+            with timed(timings, "sync"):
+                weights = self.train_engine.hf_state_dict()  # collective on a multi-rank job
+                if self.rollout_engine is not None:
+                    self.rollout_engine.sync_weights(weights)
+        if self.dropped_log is not None:
+            self.dropped_log.log(step, self._decoded_counts(dropped.ids))
         return {
             **rollout_metrics,
             **on_policy,
             **{f"loss/{k}": v for k, v in train_metrics.items()},
-            **{f"time/{k}": v for k, v in timings.items()},
+            **dropped.metrics(),
+            **{f"time/{k}": v for k, v in timings.items()},  # rollout, logprob, train, sync, then step
         }
 
     def _prompts_for_step(self, step: int) -> list[Problem]:
@@ -222,137 +161,114 @@ class Trainer:
             logprobs_topk=self.topk,
             record_routes=self.train_engine.is_moe,
         )
-        prompt_ids = [self._encode(p.prompt) for p in problems]
-        groups = self.rollout_engine.generate(prompt_ids, params)
+        groups = self.rollout_engine.generate([self._encode(p.prompt) for p in problems], params)
         samples, group_ids, rewards = [], [], []
         for g, (problem, group) in enumerate(zip(problems, groups, strict=True)):
             for sample in group:
                 text = self.tokenizer.decode(sample.response_ids, skip_special_tokens=True)
                 samples.append(sample)
                 group_ids.append(g)
-                rewards.append(self.reward_fn(text, problem.answer, cfg.task.reward_correct, cfg.task.reward_wrong))
+                rewards.append(self.task.reward(text, problem.answer, cfg.task.reward_correct, cfg.task.reward_wrong))
         reward_tensor = torch.tensor(rewards)
         advantages = compute_advantages(
             cfg.advantage.estimator, reward_tensor, torch.tensor(group_ids), cfg.advantage.eps
         )
         batch = collate_rollouts(samples, group_ids, rewards, advantages, self.rollout_engine.pad_id)
         lengths = batch.response_mask.sum(-1).float()
-        metrics = {
+        return batch, {
             "reward/mean": float(reward_tensor.mean()),
             "reward/accuracy": float((reward_tensor == cfg.task.reward_correct).float().mean()),
             "response/length_mean": float(lengths.mean()),
+            "response/mu_mean": float(batch.rollout_logprobs[batch.response_mask].exp().mean()),
             "response/truncated_frac": float(sum(not s.finished for s in samples) / len(samples)),
         }
-        return batch, metrics
 
-    def _on_policy_metrics(self, batch: RolloutBatch, old: Any) -> dict[str, float]:
-        """Training–inference mismatch on identical weights: π_old (trainer) vs μ (rollout engine)."""
-        _, m = compute_policy_loss(
-            batch.old_logprobs, batch.rollout_logprobs, batch.advantages, batch.response_mask, self.cfg.loss,
-            old_logprobs=batch.old_logprobs,
-            topk_rollout_logprobs=batch.topk_rollout_logprobs if self.mode.needs_topk else None,
-            topk_train_logprobs=old.token.topk_logprobs if self.mode.needs_topk else None,
-        )  # fmt: skip
-        mask = batch.response_mask
-        metrics = {
-            "mismatch/kl_k1": m["mismatch_kl_k1"],
-            "mismatch/kl_k3": m["mismatch_kl_k3"],
-            "mismatch/abs_prob_diff_mean": m["abs_prob_diff_mean"],
-            "mismatch/abs_prob_diff_max": m["abs_prob_diff_max"],
-            "entropy/mean": float(old.token.entropy[mask].mean()) if mask.any() else 0.0,
-        }
-        if old.used_disagreement is not None:
-            metrics["routing/disagreement"] = old.used_disagreement  # experts used in training vs rollout
-            metrics["routing/own_disagreement"] = old.own_disagreement  # training router's own pick vs rollout
-        return metrics
+    def update(
+        self, batch: RolloutBatch, step: int, on_policy: dict[str, float]
+    ) -> tuple[dict[str, float], DroppedTokens]:
+        """`train.mini_batches` optimizer steps over a seeded shuffle of the batch; metrics averaged.
 
-    def update(self, batch: RolloutBatch, step: int) -> dict[str, float]:
-        """`train.mini_batches` optimizer steps over a seeded shuffle of the batch; metrics averaged."""
+        Without a π_old recompute, `on_policy` is filled from the first mini-batch's forward (before any update).
+        """
         n = batch.num_sequences
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + step))
         size = n // self.cfg.train.mini_batches
-        per_minibatch = [
-            self.train_engine.train_step(batch.select(order[i : i + size]), self.cfg.loss) for i in range(0, n, size)
-        ]
-        return average_metrics(per_minibatch)
+        dropped = DroppedTokens()
+        per_minibatch = []
+        for i in range(0, n, size):
+            minibatch = batch.select(order[i : i + size])
+            result = self.train_engine.train_step(minibatch, self.cfg.loss)
+            if not on_policy:
+                on_policy.update(on_policy_metrics(minibatch, result.forward))
+            count_dropped(dropped, minibatch, result.forward, self.cfg.loss)
+            per_minibatch.append(result.metrics)
+        return average_metrics(per_minibatch), dropped
+
+    def _decoded_counts(self, ids: Counter) -> dict[str, int]:
+        return {self.tokenizer.convert_ids_to_tokens(int(i)): c for i, c in ids.most_common()}
 
     def evaluate(self) -> dict[str, float]:
-        """Greedy accuracy on the held-out prompts."""
-        start = time.perf_counter()
-        params = SamplingParams(n=1, max_new_tokens=self.cfg.rollout.max_new_tokens, greedy=True)
+        """Greedy accuracy on the held-out prompts; with `eval.k`, avg@k and pass@k of k samples at the rollout
+        temperature."""
+        cfg = self.cfg
+        timings: dict[str, float] = {}
         prompts = [self._encode(p.prompt) for p in self.eval_problems]
-        groups = self.rollout_engine.generate(prompts, params)
-        correct = [
-            self.reward_fn(self.tokenizer.decode(g[0].response_ids, skip_special_tokens=True), p.answer) > 0
-            for p, g in zip(self.eval_problems, groups, strict=True)
-        ]
-        accuracy = sum(correct) / len(correct)
-        if self.state.best_eval_accuracy is None or accuracy > self.state.best_eval_accuracy:
-            self.state.best_eval_accuracy = accuracy
-        return {"eval/accuracy": accuracy, "time/eval": time.perf_counter() - start}
+        with timed(timings, "eval"):
+            greedy = SamplingParams(n=1, max_new_tokens=cfg.rollout.max_new_tokens, greedy=True)
+            correct = [c[0] for c in self._score(self.rollout_engine.generate(prompts, greedy))]
+            metrics = {"eval/accuracy": sum(correct) / len(correct)}
+            if cfg.eval.k:
+                sampled = replace(greedy, n=cfg.eval.k, greedy=False, temperature=cfg.rollout.temperature,
+                                  top_p=cfg.rollout.top_p, seed=cfg.seed + 7_777_777)  # fmt: skip
+                counts = [sum(c) for c in self._score(self.rollout_engine.generate(prompts, sampled))]
+                k = cfg.eval.k
+                metrics[f"eval/avg@{k}"] = sum(counts) / (k * len(counts))
+                metrics[f"eval/pass@{k}"] = sum(pass_at_k(k, c, k) for c in counts) / len(counts)
+        if self.state.best_eval_accuracy is None or metrics["eval/accuracy"] > self.state.best_eval_accuracy:
+            self.state.best_eval_accuracy = metrics["eval/accuracy"]
+        return {**metrics, "time/eval": timings["eval"]}
+
+    def _score(self, groups: list) -> list[list[bool]]:
+        return [
+            [self.task.reward(self.tokenizer.decode(s.response_ids, skip_special_tokens=True), p.answer) > 0
+             for s in group]
+            for p, group in zip(self.eval_problems, groups, strict=True)
+        ]  # fmt: skip
 
     def save(self) -> Path:
-        if self.cfg.train.backend == "megatron":  # collective: every rank writes its shard
-            from nemo_dppo.megatron.checkpoint_io import save_sharded
-
-            root = self.run_dir / "checkpoints"
-            return save_sharded(self.checkpoints, root, self.state, self.train_engine, self.tokenizer,
-                                to_yaml(self.cfg))  # fmt: skip
-        assert self.checkpoints is not None
-        extra = {}
-        if self.train_engine.scaler is not None:
-            extra["grad_scaler"] = self.train_engine.scaler.state_dict()
-        return self.checkpoints.save(
-            self.state, self.model, self.tokenizer, self.train_engine.optimizer, to_yaml(self.cfg), extra
-        )
+        """Collective on a multi-rank job: every rank writes its part, the main rank publishes the step."""
+        return self.train_engine.save_checkpoint(self.checkpoints, self.state, self.tokenizer, to_yaml(self.cfg))
 
     def _encode(self, prompt: str) -> list[int]:
-        from nemo_dppo.evaluate import encode_prompt
-
         return encode_prompt(self.tokenizer, prompt, self.use_chat_template)
 
     def close(self) -> None:
-        """Free the rollout engine (vLLM: its engine and process group) and leave the process group of a
-        Megatron job (lets tests build several jobs in one process)."""
-        shutdown = getattr(self.rollout_engine, "shutdown", None)
-        if shutdown is not None:
-            shutdown()
+        """Free the rollout engine and leave the job's process group (lets tests build several jobs)."""
+        if self.rollout_engine is not None:
+            self.rollout_engine.close()
         self.job.close()
 
     def request_stop(self, name: str) -> None:
         self._stop_signal = name
 
 
-def average_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
-    """Mean over mini-batches; min of `*_min`, max of `*_max`."""
-    out: dict[str, float] = {}
-    for key in parts[0]:
-        values = [p[key] for p in parts if key in p]
-        if key.endswith("_min"):
-            out[key] = min(values)
-        elif key.endswith("_max"):
-            out[key] = max(values)
-        else:
-            out[key] = sum(values) / len(values)
-    return out
-
-
 def train(cfg: Config) -> dict[str, float]:
     """Run a whole training job from a config, then write plots and the report.
 
-    A Megatron layout of several ranks (`train.megatron`) starts them on this machine first (`nemo_dppo.launch`)
-    unless this process already is one of them; the launcher returns the main rank's last metrics.
+    A layout of several ranks starts them on this machine first (`Job.launch`) unless this process already is
+    one of them; the launcher returns the main rank's last metrics.
     """
     if Job.needs_launch(cfg):
         return Job.launch(cfg, _initial_model_dir=lambda: Trainer.initial_model_dir(cfg))
-    if not launch.is_launched_rank():
-        Job.precheck(cfg, lambda: Trainer.initial_model_dir(cfg))
+    Job.precheck(cfg, lambda: Trainer.initial_model_dir(cfg))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     trainer = Trainer(cfg)
     try:
         last = trainer.fit()
-        if trainer.job.is_main:
+        if trainer.job.is_main and cfg.plots:
             from nemo_dppo.plots import plot_run, write_report
 
             plot_run(trainer.run_dir)
@@ -363,72 +279,9 @@ def train(cfg: Config) -> dict[str, float]:
     return last
 
 
-class _NoLogger(contextlib.AbstractContextManager):
-    """Stands for `RunLogger` on the ranks that do not log."""
-
-    def log(self, step: int, metrics: dict[str, Any]) -> None:
-        pass
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def _make_task(cfg: Config) -> tuple[Any, Callable[..., float]]:
-    """The task (`all_problems(split)` → objects with `.prompt` / `.answer`) and its reward
-    `reward(text, answer, correct, wrong)`."""
-    if cfg.task.name == "math":
-        from nemo_dppo.data import MathTask
-
-        task = MathTask(
-            cfg.task.train_path,  # type: ignore[arg-type]  # checked by TaskConfig
-            eval_path=cfg.task.eval_path,
-            seed=cfg.task.seed,
-            reward_timeout_s=cfg.task.reward_timeout_s,
-        )
-        return task, task.reward
-    return ArithmeticTask(num_digits=cfg.task.num_digits, ops=cfg.task.ops, seed=cfg.task.seed), reward
-
-
-def _load_policy(model_dir: Path) -> tuple[torch.nn.Module, Any]:
+def _load_tokenizer(model_dir: Path) -> transformers.PreTrainedTokenizerBase:
+    """The policy's tokenizer; no code from the directory runs (`trust_remote_code=False`)."""
     try:
-        model, tokenizer = load_model_dir(str(model_dir), "fp32")
-    except (FileNotFoundError, ValueError, OSError) as err:
-        raise UserError(f"cannot load the policy from {model_dir}: {err}") from None
-    return model, tokenizer
-
-
-@contextmanager
-def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
-    start = time.perf_counter()
-    yield
-    timings[name] = time.perf_counter() - start
-
-
-@contextmanager
-def _stop_signals(trainer: Trainer) -> Iterator[None]:
-    """SIGTERM / SIGUSR1 (Slurm preemption): finish the current step, checkpoint, exit 0."""
-
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        trainer.request_stop(signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-@contextmanager
-def _progress(enabled: bool, console: Console) -> Iterator[Progress]:
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("reward {task.fields[reward]:+.3f}"),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not enabled,
-    )
-    with progress:
-        yield progress
+        return transformers.AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load the tokenizer from {model_dir}: {err}") from None

@@ -10,6 +10,8 @@ from nemo_dppo.config import Config, load_config
 
 #: Small enough for a few seconds per run on 2 cores; still the full machinery (MoE, bf16 rollout, 2 mini-batches).
 TINY_TEST_OVERRIDES = [
+    "task.name=arithmetic",  # the default config file (subprocess runs) is the sanity task; these tests are fast
+    "eval.k=0",
     "steps=3",
     "eval_every=2",
     "save_every=2",

@@ -32,8 +32,9 @@ def test_end_to_end_run_writes_everything(tiny_config, mode):
     records = read_metrics(run)
     assert [r["step"] for r in records] == [0, 1, 2, 3]
     for key in ("reward/mean", "loss/loss", "loss/mask_frac", "mismatch/kl_k3", "routing/disagreement",
-                "entropy/mean", "time/rollout", "time/logprob", "time/train", "time/sync"):  # fmt: skip
+                "entropy/mean", "time/rollout", "time/train", "time/sync", "dropped/frac", "dropped/mu_mean"):  # fmt: skip
         assert all(key in r for r in records[1:]), key
+    assert not any("time/logprob" in r for r in records)  # neither mode reads π_old: no recompute (auto)
     assert "loss/divergence_mean" in last
     assert max(r["loss/grad_norm"] for r in records[1:]) > 0  # some group had different rewards
     assert records[2]["eval/accuracy"] is not None and "eval/accuracy" in records[0]
@@ -149,6 +150,6 @@ def test_tokenizer_larger_than_model_vocab_is_a_user_error(tiny_config, tmp_path
 def test_nan_in_the_loss_stops_with_a_clear_error(tiny_config):
     trainer = Trainer(tiny_config())
     with torch.no_grad():
-        trainer.model.lm_head.weight[3].fill_(float("nan"))  # the rollout engine's copy stays finite
-    with pytest.raises(TrainingDiverged, match="log-probs are NaN/inf at"):
+        trainer.train_engine.model.lm_head.weight[3].fill_(float("nan"))  # the rollout engine's copy stays finite
+    with pytest.raises(TrainingDiverged, match="NaN/inf"):  # no π_old recompute: caught by the loss
         trainer.train_one_step(1)

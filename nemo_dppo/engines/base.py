@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -52,9 +53,36 @@ class RolloutSample:
     finished: bool = True  # False when cut by max_new_tokens
 
 
+@dataclass
+class ForwardResult:
+    """Per-token results of one training-engine forward, in target coordinates [N, S − 1].
+
+    `used_disagreement` / `own_disagreement`: fractions of valid token-layer routes whose experts differ from the
+    rollout's — the experts this forward used (0 under R3) and those the training router itself would pick.
+    """
+
+    token: Any  # nemo_dppo.logprobs.TokenLogprobs: logprobs, topk_logprobs, entropy
+    used_disagreement: float | None = None
+    own_disagreement: float | None = None
+
+
+@dataclass
+class TrainStepResult:
+    """One optimizer step: its loss metrics, and the forward it took *before* its update (detached).
+
+    For the first mini-batch of a rollout step that forward is exactly π_old on its tokens, which is how the
+    trainer measures the on-policy mismatch without recomputing π_old (`train.recompute_old_logprobs`).
+    """
+
+    metrics: dict[str, float]
+    forward: ForwardResult
+
+
 @runtime_checkable
 class RolloutEngine(Protocol):
     """Samples responses with the behaviour policy μ."""
+
+    pad_id: int
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[RolloutSample]]:
         """For each prompt, `params.n` samples (outer list: prompts, inner: samples)."""
@@ -64,19 +92,34 @@ class RolloutEngine(Protocol):
         """Load the trainer's current weights (names as in the HF checkpoint)."""
         ...
 
+    def close(self) -> None:
+        """Free the engine (vLLM: its engine core and process group)."""
+        ...
+
 
 @runtime_checkable
 class TrainingEngine(Protocol):
-    """Holds the policy π being optimised."""
+    """Holds the policy π being optimised; every rank of a multi-rank job calls every method alike."""
 
-    def compute_logprobs(self, batch: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-        """Forward without gradient: log π of the sampled tokens (and Top-K, routing stats) for a batch."""
+    is_moe: bool
+
+    def compute_logprobs(self, batch: Any) -> ForwardResult:
+        """Forward without gradient over a `RolloutBatch`: log π, entropy, routing disagreement, and π at the
+        batch's Top-K ids when it carries them."""
         ...
 
-    def train_step(self, batch: Mapping[str, torch.Tensor], **loss_kwargs: Any) -> dict[str, float]:
-        """One optimizer step on one mini-batch; returns loss metrics."""
+    def train_step(self, minibatch: Any, loss_cfg: Any) -> TrainStepResult:
+        """One optimizer step on one mini-batch with the policy loss of `loss_cfg`."""
         ...
 
     def hf_state_dict(self) -> Mapping[str, torch.Tensor]:
         """Weights with HF names, for the rollout engine's weight sync and for HF checkpoints."""
+        ...
+
+    def save_checkpoint(self, manager: Any, state: Any, tokenizer: Any, config_yaml: str) -> Any:
+        """Publish this engine's part of a checkpoint (`manager` is None off the main rank); returns its path."""
+        ...
+
+    def load_checkpoint(self, checkpoint: Path, payload: Mapping[str, Any]) -> None:
+        """Restore the engine's optimizer (and shards) from a checkpoint and its loaded trainer payload."""
         ...

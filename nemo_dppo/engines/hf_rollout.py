@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -60,6 +62,19 @@ class HFRolloutEngine:
         self.model.generation_config = GenerationConfig(
             pad_token_id=self.pad_id, eos_token_id=self.eos_id, bos_token_id=tokenizer.bos_token_id
         )
+
+    @classmethod
+    def from_config(cls, cfg: Any, model_dir: Path, tokenizer: PreTrainedTokenizerBase, topk: int) -> HFRolloutEngine:
+        """The policy of `model_dir` in `rollout.dtype` (its own copy: the mismatch with the trainer is real).
+
+        Loaded in fp32 and then cast, as the trainer's weights are cast at every sync: loading straight into
+        bf16 keeps some buffers (rotary frequencies) at another precision and shifts μ slightly.
+        """
+        model, _ = load_model_dir(str(model_dir), "fp32")
+        return cls(model, tokenizer, dtype=cfg.rollout.dtype)
+
+    def close(self) -> None:
+        """Nothing to free beyond the model itself."""
 
     # ------------------------------------------------------------------ weights
     def sync_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:

@@ -1,7 +1,7 @@
 """Training engine on megatron-core (`train.backend=megatron`): TP / SP / EP / ETP / PP, native R3, fp16 scaling.
 
-Same interface as `HFTrainingEngine` (`compute_logprobs`, `train_step`, `hf_state_dict`, `.model`,
-`.optimizer`, `.scaler`, `.is_moe`), called on **every rank** of the job with the same batch: each rank runs its
+The `TrainingEngine` protocol (`nemo_dppo.engines.base`), called on **every rank** of the job with the same
+batch: each rank runs its
 data-parallel share through megatron-core's forward-backward schedule (`get_forward_backward_func`: no
 pipelining, or 1F1B for pp > 1), and the per-token results are gathered so that every rank returns the whole
 batch's tensors, in the same `[N, S − 1]` target coordinates as the `hf` engine.
@@ -29,13 +29,12 @@ import torch
 import torch.distributed as dist
 
 from nemo_dppo.batching import RolloutBatch
-from nemo_dppo.config import TrainConfig
+from nemo_dppo.config import Config, TrainConfig
 from nemo_dppo.distributed.vocab_parallel import vocab_parallel_logprobs
-from nemo_dppo.engines.hf_training import ForwardResult
+from nemo_dppo.engines.base import ForwardResult, TrainStepResult
 from nemo_dppo.errors import TrainingDiverged
 from nemo_dppo.logprobs import TokenLogprobs
-from nemo_dppo.losses import LossConfig, compute_policy_loss
-from nemo_dppo.losses.modes import get_mode
+from nemo_dppo.losses import LossConfig, PolicyLossInput, compute_policy_loss
 from nemo_dppo.megatron import cpu_compat, parallel
 from nemo_dppo.megatron import optimizer as mopt
 from nemo_dppo.megatron.hf_export import export_hf_state_dict
@@ -88,9 +87,17 @@ class MegatronTrainingEngine:
         # the global denominators (calculate_per_token_loss only selects the summing DDP mode).
         config.finalize_model_grads_func = lambda chunks, _num_tokens=None, **kw: finalize_model_grads(chunks, **kw)
 
+    @classmethod
+    def from_config(cls, cfg: Config, model_dir: Path) -> MegatronTrainingEngine:
+        """This rank's shard of the policy in `model_dir` with the run's layout, optimiser and R3 setting."""
+        return cls(
+            model_dir, cfg.train, temperature=cfg.rollout.temperature, router_replay=cfg.rollout.router_replay,
+            seed=cfg.seed,
+        )  # fmt: skip
+
     # --------------------------------------------------------------------------------------------- forward
     @torch.no_grad()
-    def compute_logprobs(self, batch: RolloutBatch, *, with_topk: bool) -> ForwardResult:
+    def compute_logprobs(self, batch: RolloutBatch) -> ForwardResult:
         """log π_old on the rollout batch before any update (+ Top-K, entropy, routing disagreement)."""
         for chunk in self.policy.chunks:
             chunk.eval()
@@ -103,15 +110,20 @@ class MegatronTrainingEngine:
             device=self.device,
         )
         counts = torch.zeros(4, dtype=torch.int64)
+        with_topk = batch.topk_ids is not None
         loss_func = partial(self._logprob_outputs, with_topk=with_topk, with_entropy=True, loss_cfg=None, totals=None)
         outputs = self._run_schedule(micro, loss_func, counts, forward_only=True)
         gathered, counts = self._gather(outputs, counts, batch.num_sequences)
-        token = TokenLogprobs(gathered["logprobs"], gathered.get("topk"), gathered["entropy"])
-        bad = batch.response_mask & ~torch.isfinite(token.logprobs)
+        result = self._forward_result(batch, gathered, counts)
+        bad = batch.response_mask & ~torch.isfinite(result.token.logprobs)
         if bad.any():
             raise TrainingDiverged(
                 f"the policy's log-probs are NaN/inf at {int(bad.sum())} response tokens before the update"
             )
+        return result
+
+    def _forward_result(self, batch: RolloutBatch, gathered: dict[str, Any], counts: torch.Tensor) -> ForwardResult:
+        token = TokenLogprobs(gathered["logprobs"], gathered.get("topk"), gathered.get("entropy"))
         used = own = None
         if batch.routes is not None and self.is_moe:
             used = float(counts[0]) / max(int(counts[1]), 1)
@@ -119,13 +131,13 @@ class MegatronTrainingEngine:
         return ForwardResult(token, used, own)
 
     # --------------------------------------------------------------------------------------------- update
-    def train_step(self, minibatch: RolloutBatch, loss_cfg: LossConfig) -> dict[str, float]:
+    def train_step(self, minibatch: RolloutBatch, loss_cfg: LossConfig) -> TrainStepResult:
         """One optimizer step on a mini-batch (each rank its data-parallel share, micro-batched)."""
         for chunk in self.policy.chunks:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        needs_topk = get_mode(loss_cfg.mode).needs_topk
+        needs_topk = minibatch.topk_ids is not None
         totals = (max(float(minibatch.response_mask.sum()), 1.0), float(minibatch.num_sequences))
         micro = split_for_rank(
             minibatch,
@@ -137,24 +149,24 @@ class MegatronTrainingEngine:
         )
         counts = torch.zeros(4, dtype=torch.int64)
         loss_func = partial(
-            self._logprob_outputs, with_topk=needs_topk, with_entropy=False, loss_cfg=loss_cfg, totals=totals
+            self._logprob_outputs, with_topk=needs_topk, with_entropy=True, loss_cfg=loss_cfg, totals=totals
         )
         outputs = self._run_schedule(micro, loss_func, counts, forward_only=False)
-        gathered, _ = self._gather(outputs, counts, minibatch.num_sequences)
+        gathered, counts = self._gather(outputs, counts, minibatch.num_sequences)
         if gathered["error"]:
             self.optimizer.zero_grad()
             raise TrainingDiverged(f"{gathered['error']}; step not applied")
         with torch.no_grad():
-            loss, metrics = compute_policy_loss(
-                gathered["logprobs"],
-                minibatch.rollout_logprobs,
-                minibatch.advantages,
-                minibatch.response_mask,
-                loss_cfg,
+            inputs = PolicyLossInput(
+                logprobs=gathered["logprobs"],
+                rollout_logprobs=minibatch.rollout_logprobs,
+                advantages=minibatch.advantages,
+                response_mask=minibatch.response_mask,
                 old_logprobs=minibatch.old_logprobs,
-                topk_rollout_logprobs=minibatch.topk_rollout_logprobs if needs_topk else None,
+                topk_rollout_logprobs=minibatch.topk_rollout_logprobs,
                 topk_train_logprobs=gathered.get("topk"),
             )
+            loss, metrics = compute_policy_loss(inputs, loss_cfg)
         if not torch.isfinite(loss):
             self.optimizer.zero_grad()
             raise TrainingDiverged(f"the policy loss is {loss.item()} (mode {loss_cfg.mode}); step not applied")
@@ -169,7 +181,7 @@ class MegatronTrainingEngine:
             raise TrainingDiverged(f"the gradient norm is {result.grad_norm} (mode {loss_cfg.mode}); step not applied")
         metrics["grad_norm"] = result.grad_norm
         self.replay.clear()
-        return metrics
+        return TrainStepResult(metrics, self._forward_result(minibatch, gathered, counts))
 
     def hf_state_dict(self) -> Mapping[str, torch.Tensor]:
         """The policy under HF names (collective: every rank must call it; every rank gets the full tensors)."""
@@ -179,6 +191,19 @@ class MegatronTrainingEngine:
         return mopt.loss_scale(self.optimizer)
 
     # --------------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, manager: Any, state: Any, tokenizer: Any, config_yaml: str) -> Path:
+        """Collective: every rank writes its shard; the main rank (holding `manager`) publishes the step."""
+        from nemo_dppo.megatron.checkpoint_io import save_sharded
+
+        root = manager.root if manager is not None else Path(".")
+        return save_sharded(manager, root, state, self, tokenizer, config_yaml)
+
+    def load_checkpoint(self, checkpoint: Path, payload: Mapping[str, Any]) -> None:
+        """Model, optimizer (+ fp16 loss scale) and this rank's RNG from its shard (same layout required)."""
+        from nemo_dppo.megatron.checkpoint_io import load_shard
+
+        load_shard(checkpoint, self)
+
     def layout_description(self) -> dict[str, Any]:
         """What a checkpoint's shards depend on: the parallel layout and the training precision."""
         layout = self.layout

@@ -224,6 +224,25 @@ class VLLMRolloutEngine:
             self._capture.install()
         self.timings["startup"] = time.perf_counter() - start
 
+    @classmethod
+    def from_config(cls, cfg: Any, model_dir: Path, tokenizer: Any, topk: int) -> VLLMRolloutEngine:
+        """An in-process vLLM on `model_dir` with the run's dtype, KV-cache bound, seed and Top-K size."""
+        from nemo_dppo.engines.vllm_internals import VLLMUnavailableError
+        from nemo_dppo.errors import UserError
+
+        rollout = cfg.rollout
+        try:
+            return cls(
+                str(model_dir), tokenizer, dtype=rollout.dtype, max_model_len=rollout.vllm_max_model_len,
+                kv_cache_mb=rollout.vllm_kv_cache_mb, max_logprobs=max(topk, 20), seed=cfg.seed,
+            )  # fmt: skip
+        except VLLMUnavailableError as err:
+            raise UserError(str(err)) from None
+
+    def close(self) -> None:
+        """Shut the engine down (frees its process group)."""
+        self.shutdown()
+
     def shutdown(self) -> None:
         """Stop the engine, free its torch.distributed state and its temporary model directory (idempotent)."""
         llm = self.__dict__.pop("llm", None)

@@ -83,9 +83,10 @@ class Job:
     def precheck(cfg: Config, initial_model_dir: Callable[[], Path]) -> None:
         """One-line errors before any rank starts (or megatron-core is imported): the policy directory and
         whether the layout divides the model. Prepares the warm start (once, in this process)."""
+        from nemo_dppo.launch import is_launched_rank
         from nemo_dppo.megatron.model import check_layout, read_hf_config
 
-        if cfg.train.backend != "megatron":
+        if cfg.train.backend != "megatron" or is_launched_rank():  # a launched rank: its launcher checked
             return
         if cfg.model.path is None:  # the tiny policy: check its shapes before spending time on the warm start
             check_layout(_tiny_model_shapes(cfg), cfg.train.megatron)

@@ -8,21 +8,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+from nemo_dppo.tasks.base import Problem
 
 _OPS: dict[str, object] = {
     "+": lambda a, b: a + b,
     "-": lambda a, b: a - b,
     "*": lambda a, b: a * b,
 }
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One prompt ("12+34=") and its exact answer string ("46")."""
-
-    prompt: str
-    answer: str
 
 
 def sft_example(prompt: str, answer: str) -> str:
@@ -94,3 +87,13 @@ class ArithmeticTask:
     def all_problems(self, split: str) -> list[Problem]:
         """Every problem of `split`, in the split's fixed order (for exhaustive evaluation)."""
         return [self._problem(i) for i in self._indices(split)]
+
+    def warm_start_problems(self) -> list[Problem]:
+        """The supervised warm start draws from the train split."""
+        return self.all_problems("train")
+
+    def reward(self, response_text: str, answer: str, correct: float = 1.0, wrong: float = -1.0) -> float:
+        return reward(response_text, answer, correct, wrong)
+
+    def sft_response(self, problem: Problem) -> str:
+        return problem.answer
