@@ -118,7 +118,7 @@ BROKEN: list[tuple[str, Callable[[], dict[str, Any]], str]] = [
         "did you mean 'tensor_model_parallel_size'?",
     ),
     ("unknown section", lambda: setting(loaded(BASE), "polcy.x", 1), "valid keys in the top level"),
-    ("bad mode", lambda: setting(loaded(BASE), "loss_fn.mode", "dppo_tv"), "valid modes:"),
+    ("bad mode", lambda: setting(loaded(BASE), "loss_fn.mode", "dppo_tvv"), "valid modes:"),
     (
         "TP vs heads",
         lambda: setting(loaded(BASE), "policy.megatron_cfg.tensor_model_parallel_size", 3),
@@ -226,6 +226,10 @@ def test_broken_configs_fail_with_one_clear_line(name: str, make: Callable[[], d
 def test_overrides_use_nemo_rls_hydra_grammar() -> None:
     summary = validate_file(BASE, ["loss_fn.mode=dppo_topk_tv", "loss_fn.topk=8", "grpo.max_num_steps=3"])
     assert (summary.mode, summary.topk) == ("dppo_topk_tv", 8)
+    alias = validate_file(BASE, ["+loss_fn.loss_mode=dppo_tv"])  # NeMo-RL PR #4069's key, verl's name
+    assert alias.mode == "dppo_binary_tv"
+    with pytest.raises(RecipeError, match="name different losses"):
+        validate_file(BASE, ["+loss_fn.loss_mode=ppo_recompute"])
     with pytest.raises(RecipeLoadError, match=r"did you mean 'mode'\?"):
         validate_file(BASE, ["loss_fn.modee=dppo_binary_kl"])
     with pytest.raises(RecipeLoadError, match=r"add it with \+loss_fn\.clip_low=0\.3"):

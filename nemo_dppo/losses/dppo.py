@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nemo_dppo.losses.aliases import resolve_mode_name, unknown_mode_message
 from nemo_dppo.losses.checks import check_loss_config, check_policy_loss_inputs, check_topk_pair
 from nemo_dppo.losses.metrics import ValidTokens, mismatch_values, policy_metrics, reduce_metrics
 
@@ -44,7 +45,7 @@ class LossConfig:
     validate: bool = True  # check inputs (shapes, NaN/inf, log-probs ≤ 0) on every call
 
     def __post_init__(self) -> None:
-        get_mode(self.mode)  # unknown mode → ValueError listing the valid ones
+        self.mode = get_mode(resolve_mode_name(self.mode)[0]).name  # other frameworks' names: aliases.py
         check_loss_config(self, {"agg": AGGREGATIONS, "relax": RELAX_CHOICES})
 
     def deltas(self, divergence: str) -> tuple[float, float]:
@@ -209,7 +210,7 @@ def register_mode(name: str, *, needs_old_logprobs: bool = False, needs_topk: bo
 def get_mode(name: str) -> LossMode:
     """The registered mode `name`; an unknown name fails listing the valid ones."""
     if name not in LOSS_MODES:
-        raise ValueError(f"unknown loss.mode {name!r}; valid modes: {', '.join(sorted(LOSS_MODES))}")
+        raise ValueError(unknown_mode_message(name, LOSS_MODES))
     return LOSS_MODES[name]
 
 

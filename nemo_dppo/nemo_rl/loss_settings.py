@@ -12,6 +12,8 @@ The section may hold the loss core's own names and NeMo-RL's `ClippedPGLossConfi
 - `token_level_loss` true / false → `agg` token-mean / seq-mean-token-mean (NeMo-RL's TOKEN_LEVEL /
   SEQUENCE_LEVEL) when `agg` is null; an explicit `agg` must agree with it.
 - `use_cispo: true` → `mode: cispo`.
+- `loss_mode` (NeMo-RL PR #4069's key) = `mode`; both set must name the same loss. Other frameworks' names
+  (verl's `dppo_tv`, Stable-RL's `ppo_recompute`, ...) resolve through `nemo_dppo.losses.aliases` with one log line.
 - `truncated_importance_sampling_ratio` (type `tis` or null) → `ratio_cap` C of min(π/μ, C).
 - `reference_policy_kl_type` (k1 / k2 / k3, null → k3) → the estimator of the `gen_kl_error` metric (as NeMo-RL).
 - accepted without effect: `use_importance_sampling_correction` (DPPO's ratio is already π/μ, the rollout policy
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nemo_dppo.losses import LossConfig, get_mode
+from nemo_dppo.losses.aliases import resolve_mode_name
 from nemo_dppo.nemo_rl.key_errors import unknown_key_message
 
 #: K when `loss_fn.topk` is null and the mode needs Top-K (the paper's K).
@@ -71,6 +74,7 @@ NEMO_RL_KEYS = (
     *RENAMED,
     *MUST_BE_NEUTRAL,
     *IGNORED,
+    "loss_mode",
     "token_level_loss",
     "use_cispo",
     "reference_policy_kl_penalty",
@@ -131,6 +135,7 @@ def loss_settings(section: Any, *, max_new_tokens: int | None = None, strict: bo
     _check_neutral(raw)
 
     fields = {k: raw[k] for k in CORE_KEYS if raw.get(k) is not None}
+    _map_mode(fields, raw)
     for nemo_name, core_name in RENAMED.items():
         if raw.get(nemo_name) is None:
             continue
@@ -181,6 +186,19 @@ def _check_neutral(raw: dict[str, Any]) -> None:
             f"loss_fn.truncated_importance_sampling_type={tis_type!r} is not supported by DPPOLossFn; use null or "
             "'tis' (its ratio becomes the cap C of min(π/μ, C))"
         )
+
+
+def _map_mode(fields: dict[str, Any], raw: dict[str, Any]) -> None:
+    """`mode` or its alias key `loss_mode` (NeMo-RL PR #4069), foreign names resolved; both must agree."""
+    names = {key: str(raw[key]) for key in ("mode", "loss_mode") if raw.get(key) is not None}
+    resolved = {name: resolve_mode_name(name)[0] for name in set(names.values())}
+    if len({resolved[name] for name in names.values()}) > 1:
+        raise LossSettingsError(
+            f"loss_fn.mode={names['mode']!r} and loss_fn.loss_mode={names['loss_mode']!r} name different losses "
+            f"({resolved[names['mode']]} and {resolved[names['loss_mode']]}); keep one of them"
+        )
+    if names:
+        fields["mode"] = resolved[next(iter(names.values()))]
 
 
 def _set_once(fields: dict[str, Any], name: str, value: Any, source: str) -> None:
