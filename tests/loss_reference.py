@@ -80,6 +80,8 @@ def token_decision(mode: str, cfg: dict, lp: float, lmu: float, a: float, lold=N
         return True, w
     if mode == "neg_mask":
         return not (a < 0 and mu - pi >= cfg.get("neg_mask_delta", 0.5)), w
+    if mode == "neg_mask_decoupled":  # Figure 5's control: the same rule anchored at π_old
+        return not (a < 0 and math.exp(lold) - pi >= cfg.get("neg_mask_delta", 0.5)), w
     raise KeyError(mode)
 
 

@@ -20,6 +20,7 @@ from nemo_dppo.losses import (
     compute_policy_loss,
     get_mode,
     mismatch_metrics,
+    needed_inputs,
     register_mode,
     topk_kl,
     topk_tv,
@@ -490,15 +491,87 @@ def test_mismatch_metrics_equal_the_loss_metrics(dtype):
 
 
 @pytest.mark.parametrize("mode", ALL_MODES)
-def test_optional_inputs_say_what_a_mode_needs(mode):
-    """Filling exactly `optional_inputs` is enough, and each listed input is really required."""
-    spec = get_mode(mode)
-    assert ("old_logprobs" in spec.optional_inputs) == spec.needs_old_logprobs
-    assert ("topk_train_logprobs" in spec.optional_inputs) == spec.needs_topk
+def test_needed_inputs_say_what_a_mode_reads(mode):
+    """Filling exactly `needed_inputs(mode)` is enough, and each listed input is really required."""
+    spec, needed = get_mode(mode), needed_inputs(get_mode(mode))
+    assert ("old_logprobs" in needed) == spec.needs_old_logprobs
+    assert ("topk_train_logprobs" in needed) == ("topk_rollout_logprobs" in needed) == spec.needs_topk
     batch = make_batch(17)
-    given = {name: batch[name] for name in spec.optional_inputs}
+    given = {name: batch[name] for name in needed}
     loss, _ = compute_policy_loss(dataclasses.replace(_required(batch), **given), LossConfig(mode=mode))
     assert torch.isfinite(loss)
-    for name in spec.optional_inputs:
+    for name in needed:
         with pytest.raises(ValueError, match="needs"):
             compute_policy_loss(dataclasses.replace(_required(batch), **(given | {name: None})), LossConfig(mode=mode))
+
+
+# --- loss.compile ---------------------------------------------------------------------------------------------
+
+
+def test_compile_setting_is_validated():
+    with pytest.raises(ValueError, match=r"loss\.compile=.yes. is not one of off, on, auto"):
+        LossConfig(compile="yes")
+    assert LossConfig().compile == "off"  # compiled fp32 differs in the last ulp: opt-in
+
+
+@pytest.mark.parametrize("setting", ["auto", "on"])
+def test_compile_failure_falls_back_to_eager_or_raises(setting, monkeypatch):
+    """`auto` survives a broken torch.compile with one warning and eager's exact results; `on` raises."""
+    from nemo_dppo.losses import compiled
+
+    def broken_compile(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("no C++ compiler")
+
+        return call
+
+    monkeypatch.setattr(compiled, "_COMPILED", {})
+    monkeypatch.setattr(compiled.torch, "compile", broken_compile)
+    batch = make_batch(18, dtype=torch.float32)
+    eager = run_both(batch, LossConfig(mode="dppo_binary_kl"))
+    if setting == "on":
+        with pytest.raises(RuntimeError, match=r"loss\.compile=on: torch\.compile failed"):
+            run_both(batch, LossConfig(mode="dppo_binary_kl", compile="on"))
+        return
+    with pytest.warns(UserWarning, match=r"loss\.compile=auto: torch\.compile failed"):
+        fallback = run_both(batch, LossConfig(mode="dppo_binary_kl", compile="auto"))
+    assert torch.equal(fallback[0], eager[0]) and torch.equal(fallback[1], eager[1]) and fallback[2] == eager[2]
+    again = run_both(batch, LossConfig(mode="dppo_binary_kl", compile="auto"))  # eager for good, no new warning
+    assert torch.equal(again[1], eager[1])
+
+
+def test_an_input_error_inside_the_pass_is_the_callers_not_a_compile_failure(monkeypatch):
+    """An error eager raises too (here Top-K shapes, unchecked with validate=False) propagates as itself."""
+    from nemo_dppo.losses import compiled
+
+    def broken_compile(fn, **kwargs):
+        return lambda *args: (_ for _ in ()).throw(RuntimeError("inductor failed"))
+
+    monkeypatch.setattr(compiled, "_COMPILED", {})
+    monkeypatch.setattr(compiled.torch, "compile", broken_compile)
+    batch = make_batch(19)
+    cfg = LossConfig(mode="dppo_topk_tv", compile="auto", validate=False)
+    bad = loss_input(batch, topk_train_logprobs=batch["topk_train_logprobs"][..., :2])
+    with pytest.raises(ValueError, match="Top-K log-prob shapes differ"):
+        compute_policy_loss(bad, cfg)
+    with pytest.warns(UserWarning, match="torch.compile failed"):  # compile was not given up on the input error
+        compute_policy_loss(loss_input(batch), cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["dppo_binary_kl", "ppo_clip"])
+def test_compiled_pass_matches_reference_and_eager(mode):
+    """Compiled: the float64 reference to 1e-10; in fp32 as close to the truth as eager fp32 is (π ≈ μ: k3 and
+    1 − π are expm1's regime, where inductor's own expm1 would be off by ~100 %; |π − μ| cancels in both)."""
+    cfg = LossConfig(mode=mode, compile="on")
+    loss, grad, _, ref_loss, ref_grad, _ = run_both(make_batch(20, b=12, t=16, spread=1.5), cfg)
+    assert loss.item() == pytest.approx(ref_loss, rel=1e-10, abs=1e-12)
+    np.testing.assert_allclose(grad.numpy(), ref_grad, rtol=1e-10, atol=1e-13)
+    close64 = make_batch(21, b=12, t=16, spread=1e-3)
+    close32 = {k: (v.float() if v.is_floating_point() else v) for k, v in close64.items()}
+    truth, eager, compiled = (run_both(b, c)[2] for b, c in ((close64, LossConfig(mode=mode)),
+                              (close32, LossConfig(mode=mode)), (close32, cfg)))  # fmt: skip
+    assert truth["mismatch_kl_k3"] > 0
+    for key, exact in truth.items():
+        bound = 2 * abs(eager[key] - exact) + 1e-6 * abs(exact) + 1e-12
+        assert abs(compiled[key] - exact) <= bound, (key, compiled[key], eager[key], exact)

@@ -6,7 +6,7 @@ leaves; `legacy.py` keeps the old positional call form of `compute_policy_loss` 
 """
 
 from nemo_dppo.losses import baselines  # noqa: F401  (registers ppo_clip, cispo, … into LOSS_MODES)
-from nemo_dppo.losses.checks import check_policy_loss_inputs
+from nemo_dppo.losses.checks import check_policy_loss_inputs, needed_inputs
 from nemo_dppo.losses.dppo import (
     AGGREGATIONS,
     DEFAULT_DELTA,
@@ -53,6 +53,7 @@ __all__ = [
     "compute_policy_loss",
     "get_mode",
     "mismatch_metrics",
+    "needed_inputs",
     "policy_metrics",
     "register_mode",
     "topk_kl",

@@ -56,6 +56,12 @@ def check_topk_pair(topk_rollout_logprobs: torch.Tensor, topk_train_logprobs: to
         )
 
 
+def needed_inputs(mode: Any) -> tuple[str, ...]:
+    """The optional `PolicyLossInput` fields a `LossMode` reads: the caller must fill exactly these."""
+    topk = ("topk_rollout_logprobs", "topk_train_logprobs") if mode.needs_topk else ()
+    return ("old_logprobs",) * mode.needs_old_logprobs + topk
+
+
 def check_policy_loss_inputs(inputs: Any, mode: Any) -> None:
     """Shapes, the optional inputs `mode` needs, global counts, and finite log-probs ≤ 0 at valid positions."""
     logprobs, mask = inputs.logprobs, inputs.response_mask
@@ -85,9 +91,10 @@ def check_policy_loss_inputs(inputs: Any, mode: Any) -> None:
 
 def _check_optional_inputs(inputs: Any, mode: Any, shape: tuple[int, ...]) -> None:
     old, tk_mu, tk_pi = inputs.old_logprobs, inputs.topk_rollout_logprobs, inputs.topk_train_logprobs
-    if mode.needs_old_logprobs and old is None:
+    missing = [name for name in needed_inputs(mode) if getattr(inputs, name) is None]
+    if "old_logprobs" in missing:
         raise ValueError(f"loss.mode={mode.name!r} needs old_logprobs (log π_old recomputed before the update)")
-    if mode.needs_topk and (tk_mu is None or tk_pi is None):
+    if missing:
         raise ValueError(
             f"loss.mode={mode.name!r} needs topk_rollout_logprobs and topk_train_logprobs [B, T, K] "
             "(set rollout.logprobs_topk > 0)"

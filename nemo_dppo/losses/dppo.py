@@ -13,16 +13,14 @@ import torch
 
 from nemo_dppo.losses.aliases import resolve_mode_name, unknown_mode_message
 from nemo_dppo.losses.checks import check_loss_config, check_policy_loss_inputs, check_topk_pair
-from nemo_dppo.losses.metrics import ValidTokens, mismatch_values, policy_metrics, reduce_metrics
+from nemo_dppo.losses.compiled import COMPILE_CHOICES, per_token_pass
+from nemo_dppo.losses.metrics import ValidTokens, exact_expm1, mismatch_values, policy_metric_values, reduce_metrics
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 RELAX_CHOICES = ("none", "low", "high", "both")
-#: δ when `delta_low` / `delta_high` are unset: by the divergence the mode measures (spec "Defaults").
-DEFAULT_DELTA = {"tv": 0.15, "kl": 0.05}
-#: The log-ratio is clamped to this range before exponentiation (spec "Notation").
-LOG_RATIO_CLAMP = 20.0
-#: Floor of a probability under a log or as a bucket mass (1 − p, "other"): finite at 0 and 1, far below any δ.
-PROB_FLOOR = 1e-12
+DEFAULT_DELTA = {"tv": 0.15, "kl": 0.05}  # δ when delta_low / delta_high are unset, by divergence (spec "Defaults")
+LOG_RATIO_CLAMP = 20.0  # |log r| is clamped to this before exponentiation (spec "Notation")
+PROB_FLOOR = 1e-12  # floor of a probability under a log or as a bucket mass (1 − p, "other"): finite at 0 and 1
 Count = float | torch.Tensor | None  # a token / sequence count: a number or a 0-dim tensor
 
 
@@ -43,10 +41,11 @@ class LossConfig:
     relax: str = "none"  # one of RELAX_CHOICES
     neg_mask_delta: float = 0.5  # neg_mask (Sec. 5.3): mask A < 0 tokens with μ − π ≥ δ
     validate: bool = True  # check inputs (shapes, NaN/inf, log-probs ≤ 0) on every call
+    compile: str = "off"  # torch.compile the per-token pass: off | on | auto (compiled.py; last-ulp differences)
 
     def __post_init__(self) -> None:
         self.mode = get_mode(resolve_mode_name(self.mode)[0]).name  # other frameworks' names: aliases.py
-        check_loss_config(self, {"agg": AGGREGATIONS, "relax": RELAX_CHOICES})
+        check_loss_config(self, {"agg": AGGREGATIONS, "relax": RELAX_CHOICES, "compile": COMPILE_CHOICES})
 
     def deltas(self, divergence: str) -> tuple[float, float]:
         """(δ_low, δ_high) for a mode measuring `divergence` ("tv" or "kl"), defaults filled in."""
@@ -54,7 +53,7 @@ class LossConfig:
         return low, high
 
 
-# --- Divergence estimates (Section 4.4), elementwise over leading dims, from log-probs ≤ 0; then the token view --
+# --- Divergence estimates (Section 4.4): elementwise over leading dims, from log-probs ≤ 0 ------------------------
 def binary_tv(rollout_logprobs: torch.Tensor, train_logprobs: torch.Tensor) -> torch.Tensor:
     """Binary total variation |π − μ| of the sampled token (Eq. 13)."""
     return (torch.exp(train_logprobs) - torch.exp(rollout_logprobs)).abs()
@@ -70,12 +69,12 @@ def bernoulli_kl(log_mu: torch.Tensor, log_pi: torch.Tensor, mu: torch.Tensor, p
     """Eq. 14 from log-probs (≤ 0) and probs: μ·(log μ − log π) + (1−μ)·(log(1−μ) − log(1−π)).
 
     1 − p = −expm1(log p) keeps its precision as p → 1; floored at PROB_FLOOR, finite when μ or π is 0 or 1.
-    """
-    not_mu = torch.expm1(log_mu).neg_().clamp_(min=PROB_FLOOR)  # 1 − μ
-    not_pi = torch.expm1(log_pi).neg_().clamp_(min=PROB_FLOOR)  # 1 − π
-    second = not_pi.reciprocal_().mul_(not_mu).log_().mul_(not_mu)  # (1−μ)·log((1−μ)/(1−π)), in place
+    Both are kept negated (p − 1): the signs cancel exactly in the ratio, so no pass negates them."""
+    e_mu = exact_expm1(log_mu).clamp_(max=-PROB_FLOOR)  # −(1 − μ)
+    e_pi = exact_expm1(log_pi).clamp_(max=-PROB_FLOOR)  # −(1 − π)
+    second = e_pi.reciprocal_().mul_(e_mu).log_().mul_(e_mu)  # −(1−μ)·log((1−μ)/(1−π)), in place
     first = torch.sub(log_mu, log_pi).mul_(mu)  # μ·(log μ − log π)
-    return first.add_(second).clamp_(min=0.0)  # ≥ 0 analytically; removes −1e-9 rounding
+    return first.sub_(second).clamp_(min=0.0)  # ≥ 0 analytically; removes −1e-9 rounding
 
 
 def _other_bucket(probs: torch.Tensor) -> torch.Tensor:
@@ -125,8 +124,7 @@ def clamped_log_ratio(log_pi: torch.Tensor, log_anchor: torch.Tensor) -> torch.T
 class TokenView:
     """The detached per-token quantities modes and metrics read, computed once, in fp32 (fp64 if π is fp64).
 
-    Padding of [B, T] inputs is set to 0; Top-K [B, T, K] is only cast (its padding reaches only masked `where`s).
-    """
+    Padding of [B, T] inputs is 0; Top-K [B, T, K] is only cast (its padding reaches only masked `where`s)."""
 
     log_pi: torch.Tensor  # log π(a_t)
     log_mu: torch.Tensor  # log μ(a_t) of the rollout engine (the DPPO anchor)
@@ -178,18 +176,12 @@ ModeFn = Callable[[TokenView], TrustRegion]
 
 @dataclass(frozen=True)
 class LossMode:
-    """A registered mode: its `loss.mode` name, its function, and the optional inputs it reads."""
+    """A registered mode: its `loss.mode` name, its function, the optional inputs it reads (`checks.needed_inputs`)."""
 
     name: str
     fn: ModeFn
     needs_old_logprobs: bool = False
     needs_topk: bool = False
-
-    @property
-    def optional_inputs(self) -> tuple[str, ...]:
-        """The optional `PolicyLossInput` fields this mode reads (the caller must fill them)."""
-        topk = ("topk_rollout_logprobs", "topk_train_logprobs") if self.needs_topk else ()
-        return ("old_logprobs",) * self.needs_old_logprobs + topk
 
 
 LOSS_MODES: dict[str, LossMode] = {}
@@ -216,10 +208,10 @@ def get_mode(name: str) -> LossMode:
 
 def dppo_region(view: TokenView, log_anchor: torch.Tensor, divergence: torch.Tensor, name: str) -> TrustRegion:
     """Eq. 12, weight min(r, C): drop A > 0 with π > anchor and D > δ_high, A ≤ 0 with π < anchor and D > δ_low."""
-    delta_low, delta_high = view.cfg.deltas(name)
-    away_up = view.positive & (view.log_pi > log_anchor) & (divergence > delta_high)
-    away_down = ~view.positive & (view.log_pi < log_anchor) & (divergence > delta_low)
-    return TrustRegion(~(away_up | away_down), view.truncated_ratio, divergence)
+    low, high = view.cfg.deltas(name)
+    away = torch.where(view.positive, view.log_pi > log_anchor, view.log_pi < log_anchor)  # π moves away, by A
+    beyond = divergence > high if low == high else torch.where(view.positive, divergence > high, divergence > low)
+    return TrustRegion(~(away & beyond), view.truncated_ratio, divergence)
 
 
 @register_mode("dppo_binary_tv")
@@ -256,16 +248,23 @@ def compute_policy_loss(inputs: PolicyLossInput, cfg: LossConfig) -> tuple[torch
     mode = get_mode(cfg.mode)
     if cfg.validate:
         check_policy_loss_inputs(inputs, mode)
-    view = TokenView.of(inputs, cfg)
+    optional = inputs.old_logprobs, inputs.topk_rollout_logprobs, inputs.topk_train_logprobs
+    terms = per_token_pass(token_terms, mode, cfg)
+    coefficient, valid, values = terms(inputs.logprobs.detach(), inputs.rollout_logprobs, inputs.advantages,
+                                       inputs.response_mask, *optional)  # fmt: skip
+    log_pi = torch.where(valid, inputs.logprobs.to(coefficient.dtype), 0)  # padding may hold NaN
+    token_loss = coefficient * (1 + log_pi - log_pi.detach())
+    loss = aggregate_loss(token_loss, valid, cfg.agg, inputs.global_num_tokens, inputs.global_num_seqs,
+                          cfg.max_response_len)  # fmt: skip
+    return loss, reduce_metrics(values) | {"loss": float(loss.detach())}
+
+
+def token_terms(mode: LossMode, cfg: LossConfig, *tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """The per-token pass, without gradient: c_t = −A_t · M_t · w_t, the response mask, the metric values."""
+    view = TokenView.of(PolicyLossInput(*tensors), cfg)  # type: ignore[arg-type]
     region = mode.fn(view)
     coefficient = torch.where(region.keep & view.valid, -view.advantages * region.weight, 0)
-    log_pi = torch.where(view.valid, inputs.logprobs.to(view.log_pi.dtype), 0)  # padding may hold NaN
-    token_loss = coefficient * (1 + log_pi - log_pi.detach())
-    loss = aggregate_loss(token_loss, view.valid, cfg.agg, inputs.global_num_tokens, inputs.global_num_seqs,
-                          cfg.max_response_len)  # fmt: skip
-    with torch.no_grad():
-        metrics = policy_metrics(view, region.keep, region.divergence) | {"loss": float(loss.detach())}
-    return loss, metrics
+    return coefficient, view.valid, policy_metric_values(view, region.keep, region.divergence)
 
 
 def aggregate_loss(

@@ -14,6 +14,10 @@ import torch
 #: A "bad update" (Figure 5): a negative-advantage token whose probability already fell by at least this much.
 BAD_UPDATE_PROB_DROP = 0.5
 
+#: expm1 kept out of `torch.compile` graphs (eager: the same kernel, bit for bit). Inductor's CPU expm1 (torch 2.13)
+#: loses all relative precision for |x| ≪ 1 — exactly where k3 and 1 − p of a confident token live.
+exact_expm1 = torch.compiler.disable(torch.expm1)
+
 
 class TokenQuantities(Protocol):
     """What the metrics read of a `TokenView` (all [B, T], padding already 0)."""
@@ -34,7 +38,7 @@ class ValidTokens:
 
     def __init__(self, valid: torch.Tensor) -> None:
         self.valid = valid
-        self.count = valid.sum()
+        self.count = torch.count_nonzero(valid)
 
     def mean(self, x: torch.Tensor) -> torch.Tensor:
         return torch.where(self.valid, x, 0).sum() / self.count.clamp(min=1)
@@ -47,8 +51,9 @@ class ValidTokens:
 
 
 def frac(selected: torch.Tensor, within: torch.Tensor) -> torch.Tensor:
-    """|selected| / |within| (0 when `within` is empty)."""
-    return selected.sum() / within.sum().clamp(min=1)
+    """|selected| / |within| (0 when `within` is empty); `within` is a bool mask or its count."""
+    count = within if within.dim() == 0 else torch.count_nonzero(within)
+    return torch.count_nonzero(selected) / count.clamp(min=1)
 
 
 def reduce_metrics(values: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -65,7 +70,7 @@ def mismatch_values(tokens: ValidTokens, log_ratio: torch.Tensor, binary_tv: tor
     """
     return {
         "mismatch_kl_k1": tokens.mean(-log_ratio),
-        "mismatch_kl_k3": tokens.mean(torch.expm1(log_ratio) - log_ratio),
+        "mismatch_kl_k3": tokens.mean(exact_expm1(log_ratio) - log_ratio),
         "abs_prob_diff_mean": tokens.mean(binary_tv),
         "abs_prob_diff_max": tokens.max(binary_tv),
     }
@@ -76,6 +81,13 @@ def policy_metrics(view: TokenQuantities, keep: torch.Tensor, divergence: torch.
 
     `keep` is the mode's mask M, `divergence` the D it thresholded (None for ratio modes).
     """
+    return reduce_metrics(policy_metric_values(view, keep, divergence))
+
+
+def policy_metric_values(
+    view: TokenQuantities, keep: torch.Tensor, divergence: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
+    """`policy_metrics` as 0-dim tensors, still on the device (no host transfer: fine inside `torch.compile`)."""
     valid = view.valid
     tokens = ValidTokens(valid)
     masked = valid & ~keep
@@ -83,15 +95,15 @@ def policy_metrics(view: TokenQuantities, keep: torch.Tensor, divergence: torch.
     neg = valid & view.negative
     mismatch = mismatch_values(tokens, view.log_ratio, view.binary_tv)
     values: dict[str, torch.Tensor] = {
-        "mask_frac": frac(masked, valid),
+        "mask_frac": frac(masked, tokens.count),
         "mask_frac_pos": frac(masked & pos, pos),
         "mask_frac_neg": frac(masked & neg, neg),
         "ratio_min": tokens.min(view.ratio),
         "ratio_mean": tokens.mean(view.ratio),
         "ratio_max": tokens.max(view.ratio),
         **mismatch,
-        "bad_update_frac": frac(neg & (view.mu - view.pi >= BAD_UPDATE_PROB_DROP), valid),
-        "truncated_frac": frac(valid & (view.ratio > view.cfg.ratio_cap), valid),
+        "bad_update_frac": frac(neg & (view.mu - view.pi >= BAD_UPDATE_PROB_DROP), tokens.count),
+        "truncated_frac": frac(valid & (view.ratio > view.cfg.ratio_cap), tokens.count),
         "num_tokens": tokens.count,
     }
     if divergence is view.binary_tv:  # Binary-TV thresholds |π − μ| itself: its reductions are already there
@@ -100,4 +112,4 @@ def policy_metrics(view: TokenQuantities, keep: torch.Tensor, divergence: torch.
     elif divergence is not None:
         values["divergence_mean"] = tokens.mean(divergence)
         values["divergence_max"] = tokens.max(divergence)
-    return reduce_metrics(values)
+    return values
