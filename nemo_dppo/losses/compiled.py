@@ -1,10 +1,11 @@
-"""`loss.compile`: the loss's per-token pass through `torch.compile`, falling back to eager (a leaf: imports torch).
+"""`loss.compile`: a mode's decision + coefficient through `torch.compile`, falling back to eager (a leaf).
 
-The pass (mode decision, coefficient, metric values) is dozens of elementwise ops over [B, T]; compiled, they fuse
-into a few loops. Compiled fp32 results differ from eager in the last ulp (fused exp/log/expm1, reduction
-order), so `off` is the default: `on` compiles and raises if compiling fails, `auto` compiles and falls back to
-eager, with one warning, on any failure. One compiled function per (mode, config); shapes become dynamic after
-the first recompile.
+The decision is a dozen elementwise ops over [B, T] (Binary-KL: two expm1, a log, …); compiled, they fuse into one
+loop. Compiled fp32 results differ from eager in the last ulp (inductor's own exp/log), so `off` is the default:
+`on` compiles and raises if compiling fails, `auto` compiles and falls back to eager, with one warning, on any
+failure. Inductor's CPU expm1 (torch 2.13) computes exp(x) − 1 and so loses all precision for |x| ≪ 1 — where
+1 − p of a confident token lives — so it is made to call ATen's expm1 (exact, as eager) before anything compiles.
+One compiled function per (mode, config); shapes become dynamic after the first recompile.
 """
 
 from __future__ import annotations
@@ -29,8 +30,31 @@ def per_token_pass(fn: Callable[..., Any], mode: Any, cfg: Any) -> Callable[...,
         return eager
     key = (mode.name, dataclasses.astuple(cfg))
     if key not in _COMPILED:
-        _COMPILED[key] = _with_fallback(torch.compile(eager, dynamic=None), eager, key, cfg.compile)
+        _COMPILED[key] = _with_fallback(_compile(eager), eager, key, cfg.compile)
     return _COMPILED[key]
+
+
+def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`torch.compile(fn)` with expm1 left to ATen; a failure to arrange that surfaces at the first call."""
+    try:
+        _aten_expm1_in_inductor()
+    except Exception as err:  # private inductor API: if it moved, compiling is not safe here
+        return partial(_raise, RuntimeError(f"cannot keep inductor off expm1: {err!r}"))
+    return torch.compile(fn, dynamic=None)
+
+
+def _raise(err: Exception, *args: Any) -> Any:
+    raise err
+
+
+def _aten_expm1_in_inductor() -> None:
+    """Once per process: inductor lowers aten.expm1 to a call of ATen's kernel instead of generating exp − 1."""
+    from torch._inductor import lowering
+
+    expm1 = torch.ops.aten.expm1
+    if expm1.default not in lowering.fallbacks:
+        lowering.lowerings.pop(expm1.default, None)
+        lowering.make_fallback(expm1, warn=False)
 
 
 def _with_fallback(

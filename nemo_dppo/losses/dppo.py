@@ -14,7 +14,7 @@ import torch
 from nemo_dppo.losses.aliases import resolve_mode_name, unknown_mode_message
 from nemo_dppo.losses.checks import check_loss_config, check_policy_loss_inputs, check_topk_pair
 from nemo_dppo.losses.compiled import COMPILE_CHOICES, per_token_pass
-from nemo_dppo.losses.metrics import ValidTokens, exact_expm1, mismatch_values, policy_metric_values, reduce_metrics
+from nemo_dppo.losses.metrics import ValidTokens, mismatch_values, policy_metrics, reduce_metrics
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 RELAX_CHOICES = ("none", "low", "high", "both")
@@ -70,8 +70,8 @@ def bernoulli_kl(log_mu: torch.Tensor, log_pi: torch.Tensor, mu: torch.Tensor, p
 
     1 − p = −expm1(log p) keeps its precision as p → 1; floored at PROB_FLOOR, finite when μ or π is 0 or 1.
     Both are kept negated (p − 1): the signs cancel exactly in the ratio, so no pass negates them."""
-    e_mu = exact_expm1(log_mu).clamp_(max=-PROB_FLOOR)  # −(1 − μ)
-    e_pi = exact_expm1(log_pi).clamp_(max=-PROB_FLOOR)  # −(1 − π)
+    e_mu = torch.expm1(log_mu).clamp_(max=-PROB_FLOOR)  # −(1 − μ)
+    e_pi = torch.expm1(log_pi).clamp_(max=-PROB_FLOOR)  # −(1 − π)
     second = e_pi.reciprocal_().mul_(e_mu).log_().mul_(e_mu)  # −(1−μ)·log((1−μ)/(1−π)), in place
     first = torch.sub(log_mu, log_pi).mul_(mu)  # μ·(log μ − log π)
     return first.sub_(second).clamp_(min=0.0)  # ≥ 0 analytically; removes −1e-9 rounding
@@ -248,23 +248,20 @@ def compute_policy_loss(inputs: PolicyLossInput, cfg: LossConfig) -> tuple[torch
     mode = get_mode(cfg.mode)
     if cfg.validate:
         check_policy_loss_inputs(inputs, mode)
-    optional = inputs.old_logprobs, inputs.topk_rollout_logprobs, inputs.topk_train_logprobs
-    terms = per_token_pass(token_terms, mode, cfg)
-    coefficient, valid, values = terms(inputs.logprobs.detach(), inputs.rollout_logprobs, inputs.advantages,
-                                       inputs.response_mask, *optional)  # fmt: skip
-    log_pi = torch.where(valid, inputs.logprobs.to(coefficient.dtype), 0)  # padding may hold NaN
+    view = TokenView.of(inputs, cfg)
+    coefficient, keep, divergence = per_token_pass(decide, mode, cfg)(view)
+    log_pi = torch.where(view.valid, inputs.logprobs.to(view.log_pi.dtype), 0)  # padding may hold NaN
     token_loss = coefficient * (1 + log_pi - log_pi.detach())
-    loss = aggregate_loss(token_loss, valid, cfg.agg, inputs.global_num_tokens, inputs.global_num_seqs,
+    loss = aggregate_loss(token_loss, view.valid, cfg.agg, inputs.global_num_tokens, inputs.global_num_seqs,
                           cfg.max_response_len)  # fmt: skip
-    return loss, reduce_metrics(values) | {"loss": float(loss.detach())}
+    return loss, policy_metrics(view, keep, divergence) | {"loss": float(loss.detach())}
 
 
-def token_terms(mode: LossMode, cfg: LossConfig, *tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    """The per-token pass, without gradient: c_t = −A_t · M_t · w_t, the response mask, the metric values."""
-    view = TokenView.of(PolicyLossInput(*tensors), cfg)  # type: ignore[arg-type]
+def decide(mode: LossMode, cfg: LossConfig, view: TokenView) -> tuple[torch.Tensor, ...]:
+    """The mode's decision and c_t = −A_t · M_t · w_t, without gradient (what `loss.compile` fuses)."""
     region = mode.fn(view)
     coefficient = torch.where(region.keep & view.valid, -view.advantages * region.weight, 0)
-    return coefficient, view.valid, policy_metric_values(view, region.keep, region.divergence)
+    return coefficient, region.keep, region.divergence
 
 
 def aggregate_loss(

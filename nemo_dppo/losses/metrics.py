@@ -14,10 +14,6 @@ import torch
 #: A "bad update" (Figure 5): a negative-advantage token whose probability already fell by at least this much.
 BAD_UPDATE_PROB_DROP = 0.5
 
-#: expm1 kept out of `torch.compile` graphs (eager: the same kernel, bit for bit). Inductor's CPU expm1 (torch 2.13)
-#: loses all relative precision for |x| ≪ 1 — exactly where k3 and 1 − p of a confident token live.
-exact_expm1 = torch.compiler.disable(torch.expm1)
-
 
 class TokenQuantities(Protocol):
     """What the metrics read of a `TokenView` (all [B, T], padding already 0)."""
@@ -70,7 +66,7 @@ def mismatch_values(tokens: ValidTokens, log_ratio: torch.Tensor, binary_tv: tor
     """
     return {
         "mismatch_kl_k1": tokens.mean(-log_ratio),
-        "mismatch_kl_k3": tokens.mean(exact_expm1(log_ratio) - log_ratio),
+        "mismatch_kl_k3": tokens.mean(torch.expm1(log_ratio) - log_ratio),
         "abs_prob_diff_mean": tokens.mean(binary_tv),
         "abs_prob_diff_max": tokens.max(binary_tv),
     }
@@ -81,13 +77,6 @@ def policy_metrics(view: TokenQuantities, keep: torch.Tensor, divergence: torch.
 
     `keep` is the mode's mask M, `divergence` the D it thresholded (None for ratio modes).
     """
-    return reduce_metrics(policy_metric_values(view, keep, divergence))
-
-
-def policy_metric_values(
-    view: TokenQuantities, keep: torch.Tensor, divergence: torch.Tensor | None
-) -> dict[str, torch.Tensor]:
-    """`policy_metrics` as 0-dim tensors, still on the device (no host transfer: fine inside `torch.compile`)."""
     valid = view.valid
     tokens = ValidTokens(valid)
     masked = valid & ~keep
@@ -112,4 +101,4 @@ def policy_metric_values(
     elif divergence is not None:
         values["divergence_mean"] = tokens.mean(divergence)
         values["divergence_max"] = tokens.max(divergence)
-    return values
+    return reduce_metrics(values)
