@@ -60,7 +60,7 @@ def test_defaults_inheritance(tmp_path: Path):
         (["loss.modee=x"], "unknown key 'loss.modee' — did you mean 'mode'\\? valid keys in 'loss': mode, "),
         (["trian.lr=1"], "did you mean 'train'"),
         (["train.lr=fast"], "train.lr=fast: Value 'fast' of type 'str' could not be converted to Float"),
-        (["loss.mode=ppo"], "unknown loss.mode 'ppo'; valid modes"),
+        (["loss.mode=ppo_typo"], "unknown loss.mode 'ppo_typo'; valid modes"),
         (["loss=nope"], "available loss presets: cispo, dppo_binary_kl"),
         (["rollout.dtype=int8"], "rollout.dtype='int8' is not one of fp32, bf16, fp16"),
         (["rollout.n=3", "train.prompts_per_step=3"], "not divisible by train.mini_batches=8"),
