@@ -48,6 +48,9 @@ setup(
         "ray": ["ray[default]==2.60.*"],
         # DAPO-Math / AIME data, the math-verify reward, `nemo-dppo eval`. antlr4-9-3 matches hydra-core's pin.
         "math": ["math-verify[antlr4-9-3]>=0.7", "pyarrow>=14"],
+        # tools/bench_vs_trl.py: TRL's GRPOTrainer against `nemo-dppo train`. Tested with trl 1.16.0 beside
+        # torch 2.13.0 / transformers 5.19.0 (it pulls accelerate, datasets, pandas; torch and transformers stay).
+        "bench": ["trl>=1.16,<2"],
     },
     entry_points={"console_scripts": ["nemo-dppo=nemo_dppo.cli:main"]},
     classifiers=[
