@@ -354,7 +354,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Schema ← YAML (with its `defaults:`) ← overrides, validated; returns a `Config` instance."""
     cfg = OmegaConf.structured(Config)
     if path is not None:
-        cfg = _merge(cfg, _load_yaml(Path(path)), f"config file {path}")
+        cfg = _merge(cfg, load_yaml(Path(path)), f"config file {path}")
     for key, value in _parse_overrides(overrides):
         cfg = _merge(cfg, _override_as_dict(cfg, key, value), f"override {key}={value}")
     try:
@@ -371,11 +371,17 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def _load_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> DictConfig:
+def load_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> DictConfig:
+    """The package's one YAML loader (our configs and NeMo-RL recipes): a mapping with its `defaults:` merged under it.
+
+    `defaults:` is a path or a list of paths, relative to the file (or absolute), loaded recursively and merged in
+    order, the file itself on top; a section marked `_override_: true` replaces the inherited section instead of
+    merging into it (NeMo-RL's rule). Interpolations stay unresolved. Failures are one `ConfigError` line."""
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     if path.resolve() in _seen:
-        raise ConfigError(f"config file {path} includes itself through `defaults:`")
+        cycle = " -> ".join(p.name for p in (*_seen, path.resolve()))
+        raise ConfigError(f"config file {path} includes itself through `defaults:` (a cycle: {cycle})")
     try:
         raw = OmegaConf.load(path)
     except Exception as err:
@@ -387,8 +393,20 @@ def _load_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> DictConfig:
         defaults = [defaults]
     merged = OmegaConf.create()
     for entry in defaults:
-        merged = OmegaConf.merge(merged, _load_yaml(path.parent / str(entry), (*_seen, path.resolve())))
-    return OmegaConf.merge(merged, raw)
+        merged = _merge_over(merged, load_yaml(path.parent / str(entry), (*_seen, path.resolve())))
+    return _merge_over(merged, raw)
+
+
+def _merge_over(base: DictConfig, top: DictConfig) -> DictConfig:
+    """`OmegaConf.merge(base, top)`, except that a section of `top` marked `_override_: true` replaces base's."""
+    for key in list(top.keys()):
+        section = top[key]
+        if isinstance(section, DictConfig) and section.get("_override_", False):
+            section.pop("_override_")
+            base.pop(key, None)
+    merged = OmegaConf.merge(base, top)
+    assert isinstance(merged, DictConfig)
+    return merged
 
 
 def _parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]:
@@ -428,7 +446,7 @@ def _override_as_dict(cfg: DictConfig, key: str, value: Any) -> DictConfig:
             raise ConfigError(
                 f"override {key}={value}: no preset {preset}; available {key} presets: {', '.join(available) or 'none'}"
             )
-        loaded = _load_yaml(preset)
+        loaded = load_yaml(preset)
         return loaded if key in loaded else OmegaConf.create({key: loaded})
     nested: Any = value
     for part in reversed(key.split(".")):

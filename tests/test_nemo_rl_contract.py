@@ -39,14 +39,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nemo_dppo.losses import LOSS_MODES, LossConfig, get_mode
+from nemo_dppo.losses import LOSS_MODES, LossConfig, PolicyLossInput, compute_policy_loss, get_mode
 from nemo_dppo.nemo_rl import data_keys as keys
-from nemo_dppo.nemo_rl.core_call import core_policy_loss
 from nemo_dppo.nemo_rl.from_logits import UnsupportedParallelism
-from nemo_dppo.nemo_rl.interfaces import NEMO_RL_IMPORTABLE, LossInputType, LossType, MetricNormalizer
-from nemo_dppo.nemo_rl.loss import DPPOLossFn
-from nemo_dppo.nemo_rl.loss_settings import LossSettingsError, loss_settings
-from nemo_dppo.nemo_rl.topk_plumbing import (
+from nemo_dppo.nemo_rl.launch.topk_plumbing import (
     TOPK_ENV,
     TOPK_WORKER_FQN,
     attach_topk_to_responses,
@@ -54,7 +50,10 @@ from nemo_dppo.nemo_rl.topk_plumbing import (
     copy_topk_keys,
     install_topk_plumbing,
 )
-from nemo_dppo.nemo_rl.vllm_topk import LOGPROB_FLOOR, batch_topk, topk_with_sampled
+from nemo_dppo.nemo_rl.launch.vllm_topk import LOGPROB_FLOOR, batch_topk, topk_with_sampled
+from nemo_dppo.nemo_rl.loss import DPPOLossFn
+from nemo_dppo.nemo_rl.loss_settings import LossSettingsError, loss_settings
+from nemo_dppo.nemo_rl.versions import NEMO_RL_IMPORTABLE, LossInputType, LossType, MetricNormalizer
 
 REPO = Path(__file__).resolve().parent.parent
 ALL_MODES = sorted(LOSS_MODES)
@@ -204,17 +203,17 @@ def whole_batch_reference(batch: Batch, cfg: LossConfig) -> tuple[torch.Tensor, 
     mode = get_mode(cfg.mode)
     if mode.needs_topk:
         topk_pi = torch.log_softmax(logits[:, :-1].detach(), -1).gather(-1, data[keys.TOPK_IDS][:, 1:])
-    loss, metrics = core_policy_loss(
-        cfg,
-        logprobs=logprobs,
-        rollout_logprobs=data[keys.GENERATION_LOGPROBS][:, 1:],
-        advantages=data[keys.ADVANTAGES][:, 1:],
-        response_mask=mask,
+    inputs = PolicyLossInput(
+        logprobs,
+        data[keys.GENERATION_LOGPROBS][:, 1:],
+        data[keys.ADVANTAGES][:, 1:],
+        mask,
         old_logprobs=data[keys.PREV_LOGPROBS][:, 1:] if mode.needs_old_logprobs else None,
         topk_rollout_logprobs=data[keys.TOPK_LOGPROBS][:, 1:] if mode.needs_topk else None,
         topk_train_logprobs=topk_pi,
         global_num_seqs=data[keys.SAMPLE_MASK].sum(),
     )
+    loss, metrics = compute_policy_loss(inputs, cfg)
     loss.backward()
     return loss.detach(), metrics, logits.grad
 
@@ -675,7 +674,7 @@ def test_install_topk_plumbing_wraps_nemo_rl_hooks(monkeypatch: pytest.MonkeyPat
 
 
 def test_vllm_worker_subclass_requests_k_logprobs_and_returns_topk(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`nemo_dppo.nemo_rl.vllm_worker` on a stand-in for NeMo-RL's v0.7 worker (same method names and layout)."""
+    """`nemo_dppo.nemo_rl.launch.vllm_worker` on a stand-in for NeMo-RL's v0.7 worker (same method names and layout)."""
     pytest.importorskip("ray", reason="the worker module wraps its class with ray.remote")
 
     class VllmGenerationWorkerImpl:  # NeMo-RL's `_build_sampling_params` / `generate` contract
@@ -710,11 +709,11 @@ def test_vllm_worker_subclass_requests_k_logprobs_and_returns_topk(monkeypatch: 
         _stub_module("w", VllmGenerationWorkerImpl=VllmGenerationWorkerImpl),
     )
     monkeypatch.setenv(TOPK_ENV, "2")
-    sys.modules.pop("nemo_dppo.nemo_rl.vllm_worker", None)
+    sys.modules.pop("nemo_dppo.nemo_rl.launch.vllm_worker", None)
     try:
-        vllm_worker = importlib.import_module("nemo_dppo.nemo_rl.vllm_worker")
+        vllm_worker = importlib.import_module("nemo_dppo.nemo_rl.launch.vllm_worker")
     finally:
-        sys.modules.pop("nemo_dppo.nemo_rl.vllm_worker", None)  # built on the stand-in: never reuse it
+        sys.modules.pop("nemo_dppo.nemo_rl.launch.vllm_worker", None)  # built on the stand-in: never reuse it
 
     llm = FakeLLM()
     worker = vllm_worker.TopKVllmGenerationWorkerImpl(llm)
@@ -728,7 +727,7 @@ def test_vllm_worker_subclass_requests_k_logprobs_and_returns_topk(monkeypatch: 
 
 
 def test_install_topk_plumbing_needs_nemo_rl_07(monkeypatch: pytest.MonkeyPatch) -> None:
-    from nemo_dppo.nemo_rl.topk_plumbing import PlumbingError
+    from nemo_dppo.nemo_rl.launch.topk_plumbing import PlumbingError
 
     monkeypatch.setitem(sys.modules, "nemo_rl.distributed.ray_actor_environment_registry", _stub_module("r"))
     with pytest.raises(PlumbingError, match=r"NeMo-RL ≥ 0\.7"):
@@ -760,8 +759,8 @@ def test_run_swaps_the_loss_and_calls_grpo_train(monkeypatch: pytest.MonkeyPatch
     """The v0.7 driver sequence against stand-ins with NeMo-RL's names, signatures and 13-value `setup` result."""
     from omegaconf import OmegaConf
 
-    from nemo_dppo.nemo_rl import run
-    from nemo_dppo.nemo_rl.recipe_loading import apply_overrides, load_recipe
+    from nemo_dppo.nemo_rl.launch import run
+    from nemo_dppo.nemo_rl.recipes.recipe_loading import apply_overrides, load_recipe
 
     seen: dict[str, object] = {}
 

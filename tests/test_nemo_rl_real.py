@@ -27,8 +27,8 @@ import pytest
 import torch
 
 from nemo_dppo.losses import LOSS_MODES, get_mode
+from nemo_dppo.nemo_rl.launch.topk_plumbing import install_topk_plumbing
 from nemo_dppo.nemo_rl.loss import DPPOLossFn
-from nemo_dppo.nemo_rl.topk_plumbing import install_topk_plumbing
 from tests.test_nemo_rl_loop_keys import LOOP_READS, NOT_FROM_THE_LOSS, REDUCED_BY_EXTREMUM
 
 

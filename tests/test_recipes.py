@@ -1,4 +1,4 @@
-"""The NeMo-RL recipes under conf/nemo_rl/ and their validator (`nemo_dppo.nemo_rl.recipe_validator`).
+"""The NeMo-RL recipes under conf/nemo_rl/ and their validator (`nemo_dppo.nemo_rl.recipes.recipe_validator`).
 
 Every recipe must validate, for every loss mode; the paper's settings must be what the Qwen3-30B-A3B-Base recipe
 says; deliberately broken configs must fail with one line naming the key. Loading goes through the same
@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from nemo_dppo.losses import LOSS_MODES
-from nemo_dppo.nemo_rl.architectures import ARCHITECTURES
-from nemo_dppo.nemo_rl.recipe_loading import RecipeLoadError, load_recipe, to_plain
-from nemo_dppo.nemo_rl.recipe_validator import RecipeError, validate_file, validate_recipe
+from nemo_dppo.nemo_rl.recipes.architectures import ARCHITECTURES
+from nemo_dppo.nemo_rl.recipes.recipe_loading import RecipeLoadError, load_recipe, to_plain
+from nemo_dppo.nemo_rl.recipes.recipe_validator import RecipeError, validate_file, validate_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE_DIR = REPO / "conf" / "nemo_rl"

@@ -1,13 +1,13 @@
-"""DPPO for NeMo-RL: the loss function, the Top-K rollout plumbing, the run entry point and the recipe validator.
+"""DPPO for NeMo-RL: the loss function (this folder), the launch kit (`launch/`), the recipe checker (`recipes/`).
 
-- `nemo_dppo.nemo_rl.loss.DPPOLossFn`          the NeMo-RL loss (LOGPROB / LOGIT input types, v0.5 logits API)
-- `nemo_dppo.nemo_rl.loss_settings`            `loss_fn:` config section → `LossConfig` (key mapping)
-- `nemo_dppo.nemo_rl.topk_plumbing`            vLLM Top-K log-probs → `generation_topk_*` training-batch keys
-- `python -m nemo_dppo.nemo_rl.run CONFIG ...`  NeMo-RL GRPO setup with DPPOLossFn swapped in, then `grpo_train`
-- `python -m nemo_dppo.nemo_rl.validate FILE`   recipe checks (keys, parallel layout, batches) without a cluster
+- `loss.DPPOLossFn`, `loss_settings`, `metrics`, `from_logits`, `data_keys`   the loss (LOGPROB / LOGIT, v0.5 logits)
+- `versions`                          every NeMo-RL version difference handled (enums, loss attributes, entry)
+- `launch/run.py`, `launch/topk_plumbing.py`, `launch/vllm_*.py`   GRPO entry with DPPOLossFn, Top-K into vLLM
+- `recipes/`                          recipe loading (`nemo_dppo.config.load_yaml`) and checks, without a cluster
+- `python -m nemo_dppo.nemo_rl.run CONFIG ...` / `python -m nemo_dppo.nemo_rl.validate FILE`   the two commands
 
 Importing this package (and `loss`) needs only torch and nemo_dppo: NeMo-RL's Megatron workers load it to
-unpickle `DPPOLossFn`. `run` and `validate` additionally need omegaconf and hydra-core.
+unpickle `DPPOLossFn`. `launch` and `recipes` additionally need omegaconf and hydra-core.
 """
 
 from nemo_dppo.nemo_rl.loss import DPPOLossFn

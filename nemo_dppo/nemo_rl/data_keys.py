@@ -10,7 +10,7 @@ belongs to token t) and losses slice `[:, 1:]` to align with next-token log-prob
 - `token_mask`           1 on response tokens the loss trains on
 - `sample_mask`          [B] 1 for samples that count (NeMo-RL's `loss_multiplier`)
 
-Added by nemo-dppo's Top-K plumbing (`nemo_dppo.nemo_rl.topk_plumbing`), same alignment, [B, S, K]:
+Added by nemo-dppo's Top-K plumbing (`nemo_dppo.nemo_rl.launch.topk_plumbing`), same alignment, [B, S, K]:
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`DPPOLossFn`: DPPO (and every mode of the loss core) as a NeMo-RL loss function.
 
-Calling conventions reproduced from NeMo-RL's source (see `nemo_dppo.nemo_rl.interfaces`):
+Calling conventions reproduced from NeMo-RL's source (see `nemo_dppo.nemo_rl.versions`):
 
 - v0.6 / v0.7 / main — `prepare_loss_input` then
   `loss_fn(data=mb, global_valid_seqs=G, global_valid_toks=N, next_token_logprobs=lp)` for `input_type == LOGPROB`
@@ -33,12 +33,12 @@ import torch
 import torch.distributed as dist
 
 from nemo_dppo.logprobs import DEFAULT_CHUNK_TOKENS
+from nemo_dppo.losses import PolicyLossInput, compute_policy_loss
 from nemo_dppo.nemo_rl import data_keys as keys
-from nemo_dppo.nemo_rl.core_call import core_policy_loss
 from nemo_dppo.nemo_rl.from_logits import next_token_logprobs_from_logits
-from nemo_dppo.nemo_rl.interfaces import LossInputType, LossType
 from nemo_dppo.nemo_rl.loss_settings import DPPOLossSettings, loss_settings
 from nemo_dppo.nemo_rl.metrics import metric_normalizations, mismatch_metrics, nemo_rl_metrics
+from nemo_dppo.nemo_rl.versions import LOSS_ATTRIBUTES, LossInputType, LossType
 
 
 class DPPOLossFn:
@@ -69,11 +69,7 @@ class DPPOLossFn:
         self.loss_type = LossType.TOKEN_LEVEL if settings.token_level else LossType.SEQUENCE_LEVEL
         self.input_type = LossInputType.LOGIT if settings.needs_topk else LossInputType.LOGPROB
         self.metric_normalizations = metric_normalizations(settings.token_level)
-        # Attributes NeMo-RL reads on its loss object (prepare_loss_input, setup, the policy workers).
-        self.reference_policy_kl_penalty = 0.0
-        self.force_on_policy_ratio = False
-        self.use_linear_ce_fusion = False  # v0.7 name
-        self.use_fused_linear_logprobs = False  # main's name
+        self.__dict__.update(LOSS_ATTRIBUTES)  # what NeMo-RL reads on a loss object, every version's name
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         """Pickle the settings only: the unpickling process (a NeMo-RL worker) resolves NeMo-RL's enums itself, so
@@ -123,18 +119,10 @@ class DPPOLossFn:
                 "(data tensors are [B, S] and sliced [:, 1:])"
             )
 
-        loss, core = core_policy_loss(
-            self.cfg,
-            logprobs=logprobs,
-            rollout_logprobs=rollout,
-            advantages=advantages,
-            response_mask=mask,
-            old_logprobs=prev if self.settings.needs_old_logprobs else None,
-            topk_rollout_logprobs=topk_mu,
-            topk_train_logprobs=topk_pi,
-            global_num_tokens=global_valid_toks,
-            global_num_seqs=global_valid_seqs,
-        )
+        old = prev if self.settings.needs_old_logprobs else None
+        inputs = PolicyLossInput(logprobs, rollout, advantages, mask, old, topk_mu, topk_pi, global_valid_toks,
+                                 global_valid_seqs)  # fmt: skip
+        loss, core = compute_policy_loss(inputs, self.cfg)
         n_global = float(mask.sum()) if global_valid_toks is None else float(global_valid_toks)
         metrics = nemo_rl_metrics(
             core,

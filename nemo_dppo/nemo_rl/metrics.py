@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from nemo_dppo.nemo_rl.interfaces import MetricNormalizer
+from nemo_dppo.nemo_rl.versions import MetricNormalizer
 
 #: Core metric (a token mean) → the NeMo-RL metric name it is reported under.
 TOKEN_MEAN_METRICS = {

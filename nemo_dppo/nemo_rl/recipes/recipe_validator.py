@@ -3,10 +3,10 @@
 `validate_recipe(config)` takes the resolved config (plain dicts) and raises `RecipeError` with one line naming the
 key and what is wrong, or returns a `RecipeSummary`. Checks:
 
-- every key is known (`nemo_dppo.nemo_rl.schema`), else the valid keys and the closest match;
+- every key is known (`nemo_dppo.nemo_rl.recipes.schema`), else the valid keys and the closest match;
 - `loss_fn` maps onto the loss core (`nemo_dppo.nemo_rl.loss_settings`): valid mode and values, nothing DPPO
   cannot honour;
-- the model is in `nemo_dppo.nemo_rl.architectures` (local paths skip the architecture checks);
+- the model is in `nemo_dppo.nemo_rl.recipes.architectures` (local paths skip the architecture checks);
 - world size = `cluster.num_nodes × cluster.gpus_per_node` (minus dedicated generation GPUs when not colocated);
 - Megatron: TP divides the attention heads and KV heads, EP divides the experts (EP = 1 for dense models),
   world % (TP·PP·CP) = 0 and world % (EP·ETP·PP) = 0, MoE with TP > 1 needs sequence parallelism, the padded
@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nemo_dppo.nemo_rl.architectures import ARCHITECTURES, Architecture
 from nemo_dppo.nemo_rl.key_errors import unknown_key_message
 from nemo_dppo.nemo_rl.loss_settings import DPPOLossSettings, LossSettingsError, loss_settings
-from nemo_dppo.nemo_rl.recipe_loading import load_recipe, to_plain
-from nemo_dppo.nemo_rl.schema import unknown_keys
+from nemo_dppo.nemo_rl.recipes.architectures import ARCHITECTURES, Architecture
+from nemo_dppo.nemo_rl.recipes.recipe_loading import load_recipe, to_plain
+from nemo_dppo.nemo_rl.recipes.schema import unknown_keys
 
 #: vLLM's default engine argument `max_logprobs` (log-probs per token it will return).
 VLLM_DEFAULT_MAX_LOGPROBS = 20
@@ -137,7 +137,7 @@ def _architecture(view: _View) -> Architecture | None:
     if model not in ARCHITECTURES:
         known = ", ".join(sorted(ARCHITECTURES))
         raise RecipeError(
-            f"policy.model_name={model!r} is not in nemo_dppo.nemo_rl.architectures (known: {known}); add its "
+            f"policy.model_name={model!r} is not in nemo_dppo.nemo_rl.recipes.architectures (known: {known}); add its "
             "head / KV-head / expert counts there"
         )
     return ARCHITECTURES[model]

@@ -3,7 +3,7 @@
 NeMo-RL (≥ 0.7) moves per-token rollout data along this path, all in the driver process except the first step:
 
 1. vLLM worker `generate` → `BatchedDataDict` with `logprobs` [B, S]   → replaced by our worker subclass
-   (`nemo_dppo.nemo_rl.vllm_worker`), which adds `generation_topk_ids` / `generation_topk_logprobs` [B, S, K];
+   (`nemo_dppo.nemo_rl.launch.vllm_worker`), which adds `generation_topk_ids` / `generation_topk_logprobs` [B, S, K];
    `VllmGeneration` picks the worker class through `resolve_generation_worker_cls` (patched to return ours) and
    looks its Python environment up in `ACTOR_ENVIRONMENT_REGISTRY` (ours registered with vLLM's).
 2. `rollouts.generate_responses` slices each sample's generated part into the assistant message
@@ -35,7 +35,7 @@ from nemo_dppo.nemo_rl import data_keys as keys
 
 #: Environment variable carrying K from the driver to the vLLM workers (NeMo-RL forwards the driver's environment).
 TOPK_ENV = "NEMO_DPPO_LOGPROBS_TOPK"
-TOPK_WORKER_FQN = "nemo_dppo.nemo_rl.vllm_worker.TopKVllmGenerationWorker"
+TOPK_WORKER_FQN = "nemo_dppo.nemo_rl.launch.vllm_worker.TopKVllmGenerationWorker"
 NEMO_RL_WORKER_FQN = "nemo_rl.models.generation.vllm.vllm_worker.VllmGenerationWorker"
 _MARK = "__nemo_dppo_topk__"
 

@@ -1,6 +1,6 @@
 """Load a NeMo-RL-format recipe the way NeMo-RL does, without NeMo-RL: `defaults:` inheritance + Hydra overrides.
 
-Same semantics as NeMo-RL's `nemo_rl.utils.config` (v0.5–main):
+Same semantics as NeMo-RL's `nemo_rl.utils.config` (v0.5–main); the file part is `nemo_dppo.config.load_yaml`:
 
 - `defaults:` is a path or a list of paths, relative to the file that names them (or absolute); parents load
   recursively, merge in order, then the file itself merges on top.
@@ -18,11 +18,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from nemo_dppo.config import ConfigError, load_yaml
 from nemo_dppo.nemo_rl.key_errors import unknown_key_message
-from nemo_dppo.nemo_rl.schema import LEAF, OPEN, RECIPE
+from nemo_dppo.nemo_rl.recipes.schema import LEAF, OPEN, RECIPE
 
 _RESOLVERS = {"mul": lambda a, b: a * b, "div": lambda a, b: a / b, "max": lambda a, b: max(a, b)}
 
@@ -41,7 +42,10 @@ def register_resolvers() -> None:
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
     """The merged recipe at `path` with `overrides` applied (interpolations left unresolved, like NeMo-RL)."""
     register_resolvers()
-    config = _load_with_defaults(Path(path), chain=())
+    try:
+        config = load_yaml(Path(path))  # the package's one loader: `defaults:`, `_override_`, one-line errors
+    except ConfigError as error:
+        raise RecipeLoadError(str(error)) from None
     if overrides:
         apply_overrides(config, overrides)
     return config
@@ -92,43 +96,6 @@ def _explain_failed_override(config: DictConfig, key: str, line: str) -> str:
     if known and OmegaConf.select(config, key, throw_on_missing=False) is None and not line.startswith("+"):
         return f"override {line}: '{key}' is not in this recipe; add it with +{line}"
     return f"override {line}: cannot apply it to the recipe"
-
-
-def _load_with_defaults(path: Path, chain: tuple[Path, ...]) -> DictConfig:
-    resolved = path.resolve()
-    if resolved in chain:
-        cycle = " -> ".join(p.name for p in (*chain, resolved))
-        raise RecipeLoadError(f"{path}: defaults form a cycle ({cycle})")
-    if not path.is_file():
-        raise RecipeLoadError(f"{path}: no such recipe file")
-    try:
-        config = OmegaConf.load(path)
-    except Exception as error:
-        raise RecipeLoadError(f"{path}: not valid YAML ({_first_line(error)})") from None
-    if not isinstance(config, DictConfig):
-        raise RecipeLoadError(f"{path}: a recipe must be a mapping at the top level")
-    if "defaults" not in config:
-        return config
-    defaults = config.pop("defaults")
-    names = [str(d) for d in defaults] if isinstance(defaults, ListConfig) else [str(defaults)]
-    merged = OmegaConf.create({})
-    for name in names:
-        parent_path = Path(name) if name.startswith("/") else path.parent / name
-        merged = _merge_with_override(merged, _load_with_defaults(parent_path, (*chain, resolved)))
-    return _merge_with_override(merged, config)
-
-
-def _merge_with_override(base: DictConfig, override: DictConfig) -> DictConfig:
-    """OmegaConf merge, except that a section marked `_override_: true` replaces the base's section."""
-    for key in list(override.keys()):
-        section = override[key]
-        if isinstance(section, DictConfig) and section.get("_override_", False):
-            section.pop("_override_")
-            if key in base:
-                base.pop(key)
-    merged = OmegaConf.merge(base, override)
-    assert isinstance(merged, DictConfig)
-    return merged
 
 
 def _first_line(error: BaseException) -> str:

@@ -9,12 +9,12 @@ and keeps only the sampled token's log-prob in `generate`. This subclass
   every worker), and
 - wraps `generate`: it records the `RequestOutput`s the worker gets from `self.llm.generate` and adds
   `generation_topk_ids` / `generation_topk_logprobs` [B, S, K] to the returned batch, in the layout of its
-  `logprobs` output (`nemo_dppo.nemo_rl.vllm_topk`).
+  `logprobs` output (`nemo_dppo.nemo_rl.launch.vllm_topk`).
 
 vLLM caps log-probs per token at its engine argument `max_logprobs` (20 by default): for K > 20 set
 `policy.generation.vllm_kwargs.max_logprobs`. This module imports nemo_rl, ray and (through nemo_rl) vLLM: it is
 only imported inside NeMo-RL's vLLM worker processes, by the class path `TOPK_WORKER_FQN`, which the driver-side
-plumbing (`nemo_dppo.nemo_rl.topk_plumbing`) substitutes for NeMo-RL's own worker.
+plumbing (`nemo_dppo.nemo_rl.launch.topk_plumbing`) substitutes for NeMo-RL's own worker.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import Any
 import ray
 
 from nemo_dppo.nemo_rl import data_keys as keys
-from nemo_dppo.nemo_rl.topk_plumbing import TOPK_ENV, TOPK_WORKER_FQN
-from nemo_dppo.nemo_rl.vllm_topk import batch_topk
+from nemo_dppo.nemo_rl.launch.topk_plumbing import TOPK_ENV, TOPK_WORKER_FQN
+from nemo_dppo.nemo_rl.launch.vllm_topk import batch_topk
 
 _nemo_rl_worker = importlib.import_module("nemo_rl.models.generation.vllm.vllm_worker")
 
