@@ -128,16 +128,24 @@ class TaskConfig:
 
 @dataclass
 class WarmStartConfig:
-    """Supervised warm-start of the tiny policy (no pretrained weights can be downloaded); cached by config."""
+    """Supervised warm-start of the tiny policy (no pretrained weights can be downloaded); cached by config.
+
+    `digit_noise`: the probability that a digit of a supervised response is replaced by a random digit, so the
+    initial policy knows the format and usually the answer (greedy) but samples wrong digits at temperature 1 —
+    an imperfect starting point for RL, as a pretrained model is. 0 keeps the demonstrations exact.
+    """
 
     enabled: bool = True
     steps: int = 300
     batch_size: int = 64
     lr: float = 3e-3
     cache_dir: str = "~/.cache/nemo_dppo/warm_start"
+    digit_noise: float = 0.0
 
     def __post_init__(self) -> None:
         _positive("warm_start", steps=self.steps, batch_size=self.batch_size, lr=self.lr)
+        if not 0 <= self.digit_noise < 1:
+            raise ConfigError(f"warm_start.digit_noise={self.digit_noise} must be in [0, 1)")
 
 
 @dataclass

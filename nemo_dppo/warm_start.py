@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import signal
 import sys
@@ -46,7 +47,7 @@ def warm_start_key(model_cfg: ModelConfig, task_cfg: TaskConfig, ws_cfg: WarmSta
         "format": CACHE_FORMAT,
         "model": asdict(model_cfg),
         "task": task,
-        "warm_start": {k: v for k, v in asdict(ws_cfg).items() if k != "cache_dir"},
+        "warm_start": {k: v for k, v in asdict(ws_cfg).items() if k != "cache_dir" and (k != "digit_noise" or v)},
         "torch": torch.__version__.split("+")[0],
         "transformers": transformers.__version__,
     }
@@ -140,17 +141,26 @@ def _exit_on_sigterm(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def _with_digit_noise(text: str, p: float, rng: random.Random) -> str:
+    """Each digit of `text` replaced, with probability `p`, by a uniformly random digit."""
+    return "".join(str(rng.randrange(10)) if c.isdigit() and rng.random() < p else c for c in text)
+
+
 def supervised_warm_start(model: torch.nn.Module, tokenizer, task, seed: int, ws_cfg: WarmStartConfig) -> None:
     """Next-token cross-entropy on response tokens (+ EOS) of random warm-start problems of the task."""
     problems = task.warm_start_problems()
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=ws_cfg.lr, weight_decay=0.0)
     eos = tokenizer.eos_token_id
+    noise = random.Random(f"digit-noise:{seed}")
     model.train()
     for _ in range(ws_cfg.steps):
         picks = torch.randint(len(problems), (ws_cfg.batch_size,), generator=generator).tolist()
         prompts = [tokenizer.encode(problems[i].prompt) for i in picks]
-        fulls = [[*tokenizer.encode(problems[i].prompt + task.sft_response(problems[i])), eos] for i in picks]
+        responses = [task.sft_response(problems[i]) for i in picks]
+        if ws_cfg.digit_noise:
+            responses = [_with_digit_noise(r, ws_cfg.digit_noise, noise) for r in responses]
+        fulls = [[*tokenizer.encode(problems[i].prompt + r), eos] for i, r in zip(picks, responses, strict=True)]
         width = max(map(len, fulls))
         ids = torch.full((len(fulls), width), tokenizer.pad_token_id, dtype=torch.int64)
         labels = torch.full_like(ids, -100)

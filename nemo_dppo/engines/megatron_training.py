@@ -337,18 +337,18 @@ class MegatronTrainingEngine:
         loss = logprobs.sum() * 0.0
         if loss_cfg is not None and totals is not None:
             try:
-                loss, _ = compute_policy_loss(
-                    logprobs,
-                    mb.batch.rollout_logprobs,
-                    mb.batch.advantages,
-                    mb.batch.response_mask,
-                    loss_cfg,
+                inputs = PolicyLossInput(
+                    logprobs=logprobs,
+                    rollout_logprobs=mb.batch.rollout_logprobs,
+                    advantages=mb.batch.advantages,
+                    response_mask=mb.batch.response_mask,
                     old_logprobs=mb.batch.old_logprobs,
                     topk_rollout_logprobs=mb.batch.topk_rollout_logprobs if topk is not None else None,
                     topk_train_logprobs=topk,
                     global_num_tokens=totals[0],
                     global_num_seqs=totals[1],
                 )
+                loss, _ = compute_policy_loss(inputs, loss_cfg)
             except ValueError as err:  # non-finite log π: decided together with the other ranks after the pass
                 out["error"] = str(err)
                 loss = logprobs.sum() * 0.0
