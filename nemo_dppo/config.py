@@ -22,7 +22,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from nemo_dppo.advantages import ADVANTAGE_ESTIMATORS
 from nemo_dppo.errors import UserError
 from nemo_dppo.losses import LossConfig, get_mode
-from nemo_dppo.tasks import TASK_NAMES
+from nemo_dppo.tasks.base import TASK_NAMES
 
 #: Presets shipped with the project (conf/ next to the package in a source checkout / editable install).
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -116,10 +116,17 @@ class TaskConfig:
         _one_of("task", "name", self.name, TASK_NAMES)
         _positive("task", num_digits=self.num_digits, num_eval_prompts=self.num_eval_prompts)
         _positive("task", num_train=self.num_train, curation_k=self.curation_k)
-        if self.name == "sanity" and self.num_train > self.curation_candidates:
-            raise ConfigError(
-                f"task.num_train={self.num_train} exceeds task.curation_candidates={self.curation_candidates}"
-            )
+        if self.name == "sanity":
+            if self.num_train > self.curation_candidates:
+                raise ConfigError(
+                    f"task.num_train={self.num_train} exceeds task.curation_candidates={self.curation_candidates}"
+                )
+            pool = 100**self.num_digits - min(512, 100**self.num_digits // 5)  # outside the fixed eval split
+            if self.curation_candidates > pool:
+                raise ConfigError(
+                    f"task.curation_candidates={self.curation_candidates} exceeds the {pool} problems outside the "
+                    f"eval split of {self.num_digits}-digit addition"
+                )
         for op in self.ops:
             _one_of("task", "ops[]", op, ("+", "-", "*"))
         if self.name == "math" and not self.train_path:

@@ -14,7 +14,8 @@
   tokens (EOS included), truncated fraction. Correct = reward > 0 (`MathReward`: last boxed answer, math-verify).
 - Output: `result.json` (settings, metrics, per-problem pass counts), `result.md` (the same as tables) and, with
   `save_responses`, `responses.jsonl` (every decoded sample and its verdict).
-- Engines come from `ENGINE_FACTORIES` ("hf": `HFRolloutEngine`); `register_engine("vllm", factory)` or the
+- Engines are the rollout engines of `nemo_dppo.engines` by the same names as in training (`hf`, `vllm`);
+  `ENGINE_FACTORIES` adapts each to an evaluation's settings, and `register_engine(name, factory)` or the
   `engine_factory` argument plug in another `RolloutEngine` without touching this module.
 """
 
@@ -119,7 +120,21 @@ def _auto_engine(model_dir: Path, settings: EvalSettings) -> RolloutEngine:
     return HFRolloutEngine(model, tokenizer, dtype=settings.dtype)
 
 
-ENGINE_FACTORIES: dict[str, EngineFactory] = {"hf": hf_engine_factory}
+def vllm_engine_factory(model_dir: Path, settings: EvalSettings) -> tuple[RolloutEngine, Any]:
+    """The training loop's in-process vLLM rollout engine, on `model_dir` in `settings.dtype`."""
+    from nemo_dppo.engines import ROLLOUT_ENGINES, engine_class
+    from nemo_dppo.engines.vllm_internals import VLLMUnavailableError
+
+    try:
+        engine = engine_class(ROLLOUT_ENGINES, "vllm", "rollout")(str(model_dir), dtype=settings.dtype,
+                                                                   seed=settings.seed)  # fmt: skip
+    except VLLMUnavailableError as err:
+        raise UserError(str(err)) from None
+    return engine, engine.tokenizer
+
+
+#: One factory per name of `nemo_dppo.engines.ROLLOUT_ENGINES` (the table training uses).
+ENGINE_FACTORIES: dict[str, EngineFactory] = {"hf": hf_engine_factory, "vllm": vllm_engine_factory}
 
 
 def register_engine(name: str, factory: EngineFactory) -> None:
@@ -258,6 +273,56 @@ def encode_prompt(tokenizer: Any, text: str, use_chat_template: bool) -> list[in
     return list(tokenizer.encode(text))
 
 
+def _problems(data: str | Path, limit: int | None) -> list:
+    problems = load_problems(data)
+    if limit is not None:
+        problems = problems[:limit]
+    if not problems:
+        raise UserError(f"{data}: no problems to evaluate")
+    return problems
+
+
+def _named_factory(engine: str) -> EngineFactory:
+    if engine not in ENGINE_FACTORIES:
+        raise UserError(f"engine={engine!r} is not one of {', '.join(sorted(ENGINE_FACTORIES))}")
+    return ENGINE_FACTORIES[engine]
+
+
+def _use_chat_template(settings: EvalSettings, tokenizer: Any, model_dir: Path) -> bool:
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if settings.chat_template == "on" and not has_template:
+        raise UserError(f"chat_template=on, but the tokenizer of {model_dir} has no chat template")
+    return settings.chat_template == "on" or (settings.chat_template == "auto" and has_template)
+
+
+def _result(checkpoint: str | Path, resolved: ResolvedCheckpoint, data: str | Path, settings: EvalSettings,
+            engine_name: str, use_chat: bool, own_reward: Any, results: list[ProblemResult], start: float,
+            sampling_start: float) -> EvalResult:  # fmt: skip
+    """The evaluation's record: settings as run, metrics (+ seconds per problem, reward time-outs), timing."""
+    end = time.perf_counter()
+    seconds = end - start
+    metrics = compute_metrics(results, settings.k)
+    metrics["seconds_per_problem"] = (end - sampling_start) / len(results)  # sampling + scoring, no model load
+    if own_reward is not None:
+        metrics["reward_timeouts"] = own_reward.timeouts
+    result = EvalResult(
+        checkpoint=str(checkpoint),
+        model_dir=str(resolved.model_dir),
+        data=str(data),
+        settings={
+            **asdict(settings),
+            "engine": engine_name,
+            "chat_template_used": use_chat,
+            "reward": "custom" if own_reward is None else "math_verify_boxed",
+        },
+        metrics=metrics,
+        problems=results,
+        seconds=seconds,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    return result
+
+
 def run_eval(
     checkpoint: str | Path,
     data: str | Path,
@@ -287,38 +352,18 @@ def run_eval(
     With `write`, the result goes to `out_dir` (default: RUN_DIR/eval/STEP-DATA-kK for run checkpoints,
     eval_results/MODEL-DATA-kK otherwise).
     """
-    settings = EvalSettings(
-        k=k,
-        temperature=temperature,
-        top_p=top_p,
-        max_new_tokens=max_new_tokens,
-        seed=seed,
-        batch_size=batch_size,
-        dtype=dtype,
-        engine=engine,
-        chat_template=chat_template,
-        reward_timeout_s=reward_timeout_s,
-        limit=limit,
-    )
+    settings = EvalSettings(k=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+                            batch_size=batch_size, dtype=dtype, engine=engine, chat_template=chat_template,
+                            reward_timeout_s=reward_timeout_s, limit=limit)  # fmt: skip
     resolved = resolve_checkpoint(checkpoint)
-    problems = load_problems(data)
-    if limit is not None:
-        problems = problems[:limit]
-    if not problems:
-        raise UserError(f"{data}: no problems to evaluate")
+    problems = _problems(data, limit)
     engine_name = engine if engine_factory is None else getattr(engine_factory, "__name__", "custom")
-    if engine_factory is None:
-        if engine not in ENGINE_FACTORIES:
-            raise UserError(f"engine={engine!r} is not one of {', '.join(sorted(ENGINE_FACTORIES))}")
-        engine_factory = ENGINE_FACTORIES[engine]
+    engine_factory = engine_factory or _named_factory(engine)
     console = console or Console(stderr=True)
     start = time.perf_counter()
     rollout_engine, tokenizer = engine_factory(resolved.model_dir, settings)
     sampling_start = time.perf_counter()
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if settings.chat_template == "on" and not has_template:
-        raise UserError(f"chat_template=on, but the tokenizer of {resolved.model_dir} has no chat template")
-    use_chat = settings.chat_template == "on" or (settings.chat_template == "auto" and has_template)
+    use_chat = _use_chat_template(settings, tokenizer, resolved.model_dir)
     own_reward = None
     if reward_fn is None:
         from nemo_dppo.rewards.math_reward import MathReward
@@ -332,27 +377,8 @@ def run_eval(
     finally:
         if own_reward is not None:
             own_reward.close()
-    end = time.perf_counter()
-    seconds = end - start
-    metrics = compute_metrics(results, settings.k)
-    metrics["seconds_per_problem"] = (end - sampling_start) / len(results)  # sampling + scoring, no model load
-    if own_reward is not None:
-        metrics["reward_timeouts"] = own_reward.timeouts
-    result = EvalResult(
-        checkpoint=str(checkpoint),
-        model_dir=str(resolved.model_dir),
-        data=str(data),
-        settings={
-            **asdict(settings),
-            "engine": engine_name,
-            "chat_template_used": use_chat,
-            "reward": "custom" if own_reward is None else "math_verify_boxed",
-        },
-        metrics=metrics,
-        problems=results,
-        seconds=seconds,
-        created=datetime.now(UTC).isoformat(timespec="seconds"),
-    )
+    result = _result(checkpoint, resolved, data, settings, engine_name, use_chat, own_reward, results,
+                     start, sampling_start)  # fmt: skip
     if write:
         target = Path(out_dir) if out_dir is not None else default_out_dir(resolved, data, settings.k)
         write_result(result, target, responses if save_responses else None)

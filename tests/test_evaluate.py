@@ -211,8 +211,8 @@ def test_default_reward_with_the_hf_engine_and_user_errors(tmp_path: Path, model
     assert result.metrics["num_problems"] == 2 and result.metrics["avg_at_k"] == 0.0
     assert result.settings["reward"] == "math_verify_boxed" and result.settings["engine"] == "hf"
     assert "hf" in ENGINE_FACTORIES
-    with pytest.raises(UserError, match="engine='vllm' is not one of"):
-        run_eval(model_dir, toy_data, engine="vllm", write=False, progress=False)
+    with pytest.raises(UserError, match="engine='sglang' is not one of"):
+        run_eval(model_dir, toy_data, engine="sglang", write=False, progress=False)
     with pytest.raises(UserError, match="top_p"):
         run_eval(model_dir, toy_data, top_p=0.0, write=False, progress=False)
     with pytest.raises(UserError, match="no such file"):

@@ -24,10 +24,7 @@ PACKAGE = "nemo_dppo"
 #: Module-level cycles outside `nemo_dppo/losses` still being removed (issue #10), by their sorted module names.
 KNOWN_CYCLES: dict[str, tuple[str, ...]] = {}
 #: Cycles through imports deferred into functions, outside `nemo_dppo/losses`, still being removed (issue #10).
-KNOWN_DEFERRED_CYCLES = {
-    "launch → trainer → megatron.job → launch": ("nemo_dppo.launch", "nemo_dppo.megatron.job", "nemo_dppo.trainer"),
-    "config → tasks → config": ("nemo_dppo.config", "nemo_dppo.tasks"),
-}
+KNOWN_DEFERRED_CYCLES: dict[str, tuple[str, ...]] = {}  # launch/trainer/job and config/tasks: removed
 
 
 def module_files() -> dict[str, Path]:
@@ -138,10 +135,8 @@ def test_no_module_level_import_cycles_but_the_known_ones():
     assert [c for c in cycles(import_graph()) if c not in KNOWN_CYCLES.values()] == []
 
 
-@pytest.mark.parametrize("name", sorted(KNOWN_DEFERRED_CYCLES))
-@pytest.mark.xfail(reason="a known cycle (through deferred imports) outside losses/, being removed (issue #10)")
-def test_known_deferred_cycle_is_gone(name):
-    assert KNOWN_DEFERRED_CYCLES[name] not in cycles(import_graph(deferred=True))
+def test_no_import_cycle_anywhere_even_through_deferred_imports():
+    assert cycles(import_graph(deferred=True)) == []
 
 
 @pytest.mark.parametrize("module", sorted(m for m in module_files() if m.startswith(f"{PACKAGE}.losses")))

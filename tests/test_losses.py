@@ -460,23 +460,6 @@ def test_default_deltas_by_divergence():
 # --- The call forms and the helpers around the loss ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ALL_MODES)
-def test_deprecated_positional_form_gives_identical_results(mode):
-    """The old call form (kept while other callers migrate) must give bit-identical loss, gradient and metrics."""
-    batch = make_batch(15, dtype=torch.float32)
-    cfg = LossConfig(mode=mode, agg="seq-mean-token-mean")
-    new_lp, old_lp = (batch["logprobs"].clone().requires_grad_(True) for _ in range(2))
-    new_loss, new_metrics = compute_policy_loss(loss_input(batch, new_lp, global_num_seqs=9.0), cfg)
-    old_loss, old_metrics = compute_policy_loss(
-        old_lp, batch["rollout_logprobs"], batch["advantages"], batch["mask"], cfg,
-        old_logprobs=batch["old_logprobs"], topk_rollout_logprobs=batch["topk_rollout_logprobs"],
-        topk_train_logprobs=batch["topk_train_logprobs"], global_num_seqs=9.0,
-    )  # fmt: skip
-    (new_loss + old_loss).backward()
-    assert torch.equal(new_loss, old_loss) and torch.equal(new_lp.grad, old_lp.grad)
-    assert new_metrics == old_metrics and list(new_metrics) == list(old_metrics)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_mismatch_metrics_equal_the_loss_metrics(dtype):
     """`mismatch_metrics` measures the μ‖π mismatch without a loss call, with exactly the loss's numbers."""

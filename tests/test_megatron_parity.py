@@ -21,7 +21,7 @@ from nemo_dppo.megatron import megatron_backend_installed
 if not megatron_backend_installed():
     pytest.skip("the Megatron backend needs megatron-core and megatron-bridge", allow_module_level=True)
 
-from nemo_dppo.launch import spawn
+from nemo_dppo.distributed.spawn import spawn
 from nemo_dppo.megatron.parity import make_policy_dirs
 
 TOL = 1e-5

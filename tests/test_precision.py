@@ -47,7 +47,7 @@ def _steps_until_applied(engine, batch, start_scale: float, max_steps: int = 12)
     step must be skipped with the scale halved, until the scale is small enough."""
     scale = start_scale
     for _ in range(max_steps):
-        metrics = engine.train_step(batch, LOSS)
+        metrics = engine.train_step(batch, LOSS).metrics
         assert metrics["loss_scale"] == scale
         if metrics["skipped_step"] == 0.0:
             return metrics
@@ -57,7 +57,7 @@ def _steps_until_applied(engine, batch, start_scale: float, max_steps: int = 12)
 
 def _prepared_batch(policy_dir: Path, engine) -> object:
     batch = rollout_batch(policy_dir)
-    batch.old_logprobs = engine.compute_logprobs(batch, with_topk=False).token.logprobs
+    batch.old_logprobs = engine.compute_logprobs(batch).token.logprobs
     return batch
 
 
@@ -74,7 +74,7 @@ def test_hf_fp16_overflow_skips_the_step_and_backs_off(policy_dir):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     handle = _inf_gradient(model.lm_head)
     try:
-        metrics = engine.train_step(batch, LOSS)
+        metrics = engine.train_step(batch, LOSS).metrics
     finally:
         handle.remove()
     assert metrics["skipped_step"] == 1.0 and metrics["loss_scale"] == 2.0**16
@@ -95,7 +95,7 @@ def megatron_worker(policy_dir: str, out: str) -> None:
     before = [p.detach().clone() for p in engine.model.parameters()]
     handle = _inf_gradient(unwrap(engine.model).output_layer)
     try:
-        first = engine.train_step(batch, LOSS)
+        first = engine.train_step(batch, LOSS).metrics
     finally:
         handle.remove()
     report["first"] = {k: first[k] for k in ("skipped_step", "loss_scale")}
@@ -108,9 +108,9 @@ def megatron_worker(policy_dir: str, out: str) -> None:
 
     bf16 = MegatronTrainingEngine(policy_dir, TrainConfig(backend="megatron", precision="bf16", lr=1e-3))
     report["bf16_param_dtype"] = str(next(bf16.model.parameters()).dtype)
-    old = bf16.compute_logprobs(batch, with_topk=False).token.logprobs
+    old = bf16.compute_logprobs(batch).token.logprobs
     report["bf16_logprob_error"] = float((old - batch.old_logprobs)[batch.response_mask].abs().max())
-    bf16_metrics = bf16.train_step(batch, LOSS)
+    bf16_metrics = bf16.train_step(batch, LOSS).metrics
     report["bf16_grad_norm"] = bf16_metrics["grad_norm"]
     report["bf16_has_no_loss_scale"] = "loss_scale" not in bf16_metrics
     Path(out).write_text(json.dumps(report))

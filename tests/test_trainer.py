@@ -32,7 +32,8 @@ def test_end_to_end_run_writes_everything(tiny_config, mode):
     records = read_metrics(run)
     assert [r["step"] for r in records] == [0, 1, 2, 3]
     for key in ("reward/mean", "loss/loss", "loss/mask_frac", "mismatch/kl_k3", "routing/disagreement",
-                "entropy/mean", "time/rollout", "time/train", "time/sync", "dropped/frac", "dropped/mu_mean"):  # fmt: skip
+                "entropy/mean", "time/rollout", "time/train", "time/sync", "dropped/frac",
+                "dropped/mu_mean"):  # fmt: skip
         assert all(key in r for r in records[1:]), key
     assert not any("time/logprob" in r for r in records)  # neither mode reads π_old: no recompute (auto)
     assert "loss/divergence_mean" in last

@@ -130,13 +130,8 @@ class HFRolloutEngine:
         rows = [list(map(int, p)) for p in prompts for _ in range(params.n)]
         if any(len(r) == 0 for r in rows):
             raise ValueError("empty prompt")
-        lengths = [len(r) for r in rows]
-        p_max = max(lengths)
-        input_ids = torch.full((len(rows), p_max), self.pad_id, dtype=torch.int64)
-        attention_mask = torch.zeros((len(rows), p_max), dtype=torch.int64)
-        for i, r in enumerate(rows):
-            input_ids[i, p_max - len(r) :] = torch.tensor(r, dtype=torch.int64)
-            attention_mask[i, p_max - len(r) :] = 1
+        input_ids, attention_mask = self._left_padded(rows)
+        p_max = input_ids.shape[1]
         config = self._generation_config(params, params.max_new_tokens)
 
         rng_devices = [self.device] if self.device.type != "cpu" else []
@@ -162,12 +157,7 @@ class HFRolloutEngine:
         if routes is not None:
             routes = routes[:, : p_max + num_steps - 1].cpu()
 
-        is_eos = generated == self.eos_id
-        has_eos = is_eos.any(dim=1)
-        first_eos = torch.where(
-            has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, num_steps, dtype=torch.int64)
-        )
-        lengths_t = torch.where(has_eos, first_eos + 1, first_eos).tolist()
+        has_eos, lengths_t = self._response_lengths(generated)
 
         samples: list[RolloutSample] = []
         for i, row in enumerate(rows):
@@ -186,6 +176,26 @@ class HFRolloutEngine:
                 sample.routed_experts = routes[i, start : p_max + t - 1].clone()
             samples.append(sample)
         return [samples[j * params.n : (j + 1) * params.n] for j in range(len(prompts))]
+
+    def _left_padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts left-padded to one width: input ids and attention mask [B, P_max]."""
+        p_max = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), p_max), self.pad_id, dtype=torch.int64)
+        attention_mask = torch.zeros((len(rows), p_max), dtype=torch.int64)
+        for i, r in enumerate(rows):
+            input_ids[i, p_max - len(r) :] = torch.tensor(r, dtype=torch.int64)
+            attention_mask[i, p_max - len(r) :] = 1
+        return input_ids, attention_mask
+
+    def _response_lengths(self, generated: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """Whether each row produced EOS, and its response length (EOS included; the whole row without one)."""
+        is_eos = generated == self.eos_id
+        has_eos = is_eos.any(dim=1)
+        num_steps = generated.shape[1]
+        first_eos = torch.where(
+            has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, num_steps, dtype=torch.int64)
+        )
+        return has_eos, torch.where(has_eos, first_eos + 1, first_eos).tolist()
 
     def _run(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig

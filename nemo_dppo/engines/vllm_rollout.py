@@ -153,21 +153,7 @@ class VLLMRolloutEngine:
         if kv_cache_mb <= 0 or max_logprobs < 0:
             raise ValueError("kv_cache_mb must be > 0 and max_logprobs >= 0")
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
-        if isinstance(model_dir_or_model, str | os.PathLike):
-            model_dir = Path(model_dir_or_model).expanduser()
-            if not (model_dir / "config.json").is_file():
-                raise FileNotFoundError(f"no config.json in model directory: {model_dir}")
-            if tokenizer is None:
-                tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        else:
-            if tokenizer is None:
-                raise ValueError("a tokenizer is required when a model object is given")
-            from nemo_dppo.models.tiny_moe import save_model_dir
-
-            self._tmpdir = tempfile.TemporaryDirectory(prefix="nemo_dppo_vllm_")
-            model_dir = Path(self._tmpdir.name)
-            save_model_dir(model_dir_or_model, tokenizer, str(model_dir))
-        assert tokenizer is not None
+        model_dir, tokenizer = self._model_dir(model_dir_or_model, tokenizer)
         self.tokenizer = tokenizer
         self.model_dir = model_dir
         self.dtype = dtype
@@ -195,6 +181,41 @@ class VLLMRolloutEngine:
         self.route_capture = ("hooks" if on_cpu else "vllm") if route_capture == "auto" else route_capture
         if self.route_capture == "vllm" and on_cpu:
             raise ValueError("route_capture='vllm' (enable_return_routed_experts) is not available on CPU")
+        kwargs = self._llm_kwargs(model_dir, dtype, seed, max_num_seqs, kv_cache_mb)
+        kwargs.update(llm_kwargs or {})
+        start = time.perf_counter()
+        with internals.construction_guard():
+            self.llm = LLM(**kwargs)
+        if on_cpu:
+            internals.use_eager_rank_count()
+        self._capture = internals.RouteCapture(self.llm) if self.route_capture == "hooks" else None
+        if self._capture is not None:
+            self._capture.install()
+        self.timings["startup"] = time.perf_counter() - start
+
+    def _model_dir(
+        self, model_dir_or_model: str | os.PathLike[str] | PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
+    ) -> tuple[Path, PreTrainedTokenizerBase]:
+        """A directory vLLM can load (a model object is saved to a temporary one) and its tokenizer."""
+        if isinstance(model_dir_or_model, str | os.PathLike):
+            model_dir = Path(model_dir_or_model).expanduser()
+            if not (model_dir / "config.json").is_file():
+                raise FileNotFoundError(f"no config.json in model directory: {model_dir}")
+            if tokenizer is None:
+                tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+            return model_dir, tokenizer
+        if tokenizer is None:
+            raise ValueError("a tokenizer is required when a model object is given")
+        from nemo_dppo.models.tiny_moe import save_model_dir
+
+        self._tmpdir = tempfile.TemporaryDirectory(prefix="nemo_dppo_vllm_")
+        model_dir = Path(self._tmpdir.name)
+        save_model_dir(model_dir_or_model, tokenizer, str(model_dir))
+        return model_dir, tokenizer
+
+    def _llm_kwargs(self, model_dir: Path, dtype: str, seed: int, max_num_seqs: int, kv_cache_mb: int) -> dict:
+        """`vllm.LLM` arguments: token ids in and out, processed log-probs, a bounded KV cache, eager mode."""
+        max_logprobs = self.max_logprobs
         kwargs: dict[str, Any] = {
             "model": str(model_dir),
             "tokenizer": str(model_dir),
@@ -213,16 +234,7 @@ class VLLMRolloutEngine:
         }
         if self.route_capture == "vllm":
             kwargs["enable_return_routed_experts"] = True
-        kwargs.update(llm_kwargs or {})
-        start = time.perf_counter()
-        with internals.construction_guard():
-            self.llm = LLM(**kwargs)
-        if on_cpu:
-            internals.use_eager_rank_count()
-        self._capture = internals.RouteCapture(self.llm) if self.route_capture == "hooks" else None
-        if self._capture is not None:
-            self._capture.install()
-        self.timings["startup"] = time.perf_counter() - start
+        return kwargs
 
     @classmethod
     def from_config(cls, cfg: Any, model_dir: Path, tokenizer: Any, topk: int) -> VLLMRolloutEngine:

@@ -2,7 +2,7 @@
 
 `dppo.py` is the algorithm (read it first). `baselines.py` registers the comparison modes into the same registry;
 importing it here registers every mode whichever submodule a caller imports. `checks.py` and `metrics.py` are
-leaves; `legacy.py` keeps the old positional call form of `compute_policy_loss` working until callers migrate.
+leaves; `compiled.py` is the optional `torch.compile` of the per-token pass, `aliases.py` other frameworks' names.
 """
 
 from nemo_dppo.losses import baselines  # noqa: F401  (registers ppo_clip, cispo, … into LOSS_MODES)
@@ -23,13 +23,13 @@ from nemo_dppo.losses.dppo import (
     bernoulli_kl,
     binary_kl,
     binary_tv,
+    compute_policy_loss,
     get_mode,
     mismatch_metrics,
     register_mode,
     topk_kl,
     topk_tv,
 )
-from nemo_dppo.losses.legacy import compute_policy_loss  # the one call form, and the deprecated one
 from nemo_dppo.losses.metrics import BAD_UPDATE_PROB_DROP, policy_metrics
 
 __all__ = [

@@ -53,7 +53,7 @@ def _precheck(direction: str, source: Path, layout: MegatronConfig) -> None:
 
 def main(direction: str, script: str, argv: Sequence[str] | None = None) -> int:
     """Run one conversion tool (`direction`: hf_to_megatron | megatron_to_hf); `script` is the tool's path."""
-    from nemo_dppo.launch import is_launched_rank, spawn
+    from nemo_dppo.distributed.spawn import is_launched_rank, spawn
 
     args = _parser(direction).parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))

@@ -7,7 +7,7 @@ checkpoint to resume from) and `any` lets all ranks agree on stopping (a preempt
 its own; they stop after the same step).
 
 `Job.launch` is the other side: from `nemo-dppo train`, it prepares what only one process may do (the warm
-start), checks the model against the layout, and starts the ranks with `nemo_dppo.launch.spawn`.
+start), checks the model against the layout, and starts the ranks with `nemo_dppo.distributed.spawn`.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class Job:
     @staticmethod
     def needs_launch(cfg: Config) -> bool:
         """A multi-rank Megatron layout requested from a process that is not one of the ranks."""
-        from nemo_dppo.launch import is_launched_rank
+        from nemo_dppo.distributed.spawn import is_launched_rank
 
         return cfg.train.backend == "megatron" and cfg.train.megatron.world_size > 1 and not is_launched_rank()
 
@@ -83,7 +83,7 @@ class Job:
     def precheck(cfg: Config, initial_model_dir: Callable[[], Path]) -> None:
         """One-line errors before any rank starts (or megatron-core is imported): the policy directory and
         whether the layout divides the model. Prepares the warm start (once, in this process)."""
-        from nemo_dppo.launch import is_launched_rank
+        from nemo_dppo.distributed.spawn import is_launched_rank
         from nemo_dppo.megatron.model import check_layout, read_hf_config
 
         if cfg.train.backend != "megatron" or is_launched_rank():  # a launched rank: its launcher checked
@@ -105,7 +105,7 @@ class Job:
         A failing job exits this process with the failing rank's status (`SystemExit`): rank 0 has already
         printed the one-line error.
         """
-        from nemo_dppo.launch import spawn
+        from nemo_dppo.distributed.spawn import spawn
         from nemo_dppo.run_logger import read_metrics
 
         Job.precheck(cfg, _initial_model_dir)

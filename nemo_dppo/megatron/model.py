@@ -129,7 +129,7 @@ def build_policy(
         else:  # the directory may hold only the config (a Megatron checkpoint's hf/)
             from transformers import AutoConfig
 
-            bridge = auto_bridge.from_hf_config(AutoConfig.from_pretrained(path))
+            bridge = auto_bridge.from_hf_config(AutoConfig.from_pretrained(path, trust_remote_code=False))
     except ValueError as err:
         raise UserError(f"megatron-bridge cannot load {hf_dir}: {str(err).splitlines()[0]}") from None
     provider = bridge.to_megatron_provider(load_weights=load_weights)

@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,44 @@ def _router_grad_norm(engine: Any) -> float:
     return math.sqrt(total)
 
 
+def _compare_forwards(engine: Any, reference: Any, batch: Any, report: dict[str, Any]) -> Any:
+    """log π, Top-K, entropy and routing of both engines, without and with R3; returns the last Megatron forward."""
+    mask = batch.response_mask
+    for r3 in (False, True):
+        engine.router_replay = r3
+        mine = engine.compute_logprobs(batch)
+        tag = "r3" if r3 else "no_r3"
+        report[f"routing_used_disagreement_{tag}"] = mine.used_disagreement
+        report[f"routing_own_disagreement_{tag}"] = mine.own_disagreement
+        if reference is not None:
+            reference.router_replay = r3
+            theirs = reference.compute_logprobs(batch)
+            report[f"logprobs_{tag}"] = _max_diff(mine.token.logprobs, theirs.token.logprobs, mask)
+            report[f"topk_logprobs_{tag}"] = _max_diff(mine.token.topk_logprobs, theirs.token.topk_logprobs, mask)
+            report[f"entropy_{tag}"] = _max_diff(mine.token.entropy, theirs.token.entropy, mask)
+            report[f"hf_used_disagreement_{tag}"] = theirs.used_disagreement
+    return mine
+
+
+def _compare_steps(engine: Any, reference: Any, batch: Any, loss_cfg: Any, report: dict[str, Any]) -> None:
+    """One optimizer step on each engine: loss, gradient norm, and log π after the step."""
+    mask = batch.response_mask
+    metrics = engine.train_step(batch, loss_cfg).metrics
+    report["router_grad_norm"] = _router_grad_norm(engine)
+    report["megatron_loss"], report["megatron_grad_norm"] = metrics["loss"], metrics["grad_norm"]
+    plain = replace(batch, topk_ids=None, topk_rollout_logprobs=None)  # log π only
+    after = engine.compute_logprobs(plain)
+    if reference is None:
+        return
+    theirs = reference.train_step(batch, loss_cfg).metrics
+    report["hf_loss"], report["hf_grad_norm"] = theirs["loss"], theirs["grad_norm"]
+    report["loss"] = abs(metrics["loss"] - theirs["loss"])
+    report["grad_norm"] = abs(metrics["grad_norm"] - theirs["grad_norm"])
+    theirs_after = reference.compute_logprobs(plain)
+    report["logprobs_after_step"] = _max_diff(after.token.logprobs, theirs_after.token.logprobs, mask)
+    report["logprobs_moved"] = _max_diff(after.token.logprobs, batch.old_logprobs, mask)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
     import torch.distributed as dist
 
@@ -135,33 +174,9 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
 
     report: dict[str, Any] = {"layout": {"tp": args.tp, "ep": args.ep, "etp": args.etp, "pp": args.pp,
                                          "dp": layout.data_parallel_size, "world": layout.world_size}}  # fmt: skip
-    mask = batch.response_mask
-    for r3 in (False, True):
-        engine.router_replay = r3
-        mine = engine.compute_logprobs(batch, with_topk=True)
-        tag = "r3" if r3 else "no_r3"
-        report[f"routing_used_disagreement_{tag}"] = mine.used_disagreement
-        report[f"routing_own_disagreement_{tag}"] = mine.own_disagreement
-        if reference is not None:
-            reference.router_replay = r3
-            theirs = reference.compute_logprobs(batch, with_topk=True)
-            report[f"logprobs_{tag}"] = _max_diff(mine.token.logprobs, theirs.token.logprobs, mask)
-            report[f"topk_logprobs_{tag}"] = _max_diff(mine.token.topk_logprobs, theirs.token.topk_logprobs, mask)
-            report[f"entropy_{tag}"] = _max_diff(mine.token.entropy, theirs.token.entropy, mask)
-            report[f"hf_used_disagreement_{tag}"] = theirs.used_disagreement
-    batch.old_logprobs = mine.token.logprobs
-    metrics = engine.train_step(batch, loss_cfg)
-    report["router_grad_norm"] = _router_grad_norm(engine)
-    report["megatron_loss"], report["megatron_grad_norm"] = metrics["loss"], metrics["grad_norm"]
-    after = engine.compute_logprobs(batch, with_topk=False)
+    mine = _compare_forwards(engine, reference, batch, report)
+    _compare_steps(engine, reference, replace(batch, old_logprobs=mine.token.logprobs), loss_cfg, report)
     if reference is not None:
-        theirs_metrics = reference.train_step(batch, loss_cfg)
-        report["hf_loss"], report["hf_grad_norm"] = theirs_metrics["loss"], theirs_metrics["grad_norm"]
-        report["loss"] = abs(metrics["loss"] - theirs_metrics["loss"])
-        report["grad_norm"] = abs(metrics["grad_norm"] - theirs_metrics["grad_norm"])
-        theirs_after = reference.compute_logprobs(batch, with_topk=False)
-        report["logprobs_after_step"] = _max_diff(after.token.logprobs, theirs_after.token.logprobs, mask)
-        report["logprobs_moved"] = _max_diff(after.token.logprobs, batch.old_logprobs, mask)
         Path(args.out).write_text(json.dumps(report, indent=2))
     dist.barrier()
     parallel.shutdown()

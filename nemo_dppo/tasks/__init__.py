@@ -7,18 +7,14 @@ setting for the tiny MoE) and `math` (prepared DAPO-Math / AIME files, math-veri
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
-from nemo_dppo.tasks.base import Problem, Task, WarmStartTask
-
-if TYPE_CHECKING:
-    from nemo_dppo.config import TaskConfig
-
-TASK_NAMES = ("arithmetic", "sanity", "math")
+from nemo_dppo.tasks.base import TASK_NAMES, Problem, Task, WarmStartTask
 
 
-def make_task(cfg: TaskConfig, curated_dir: Path | None = None) -> Task:
-    """The task of `cfg.name`; the sanity task reads its curated training set from `curated_dir`."""
+def make_task(cfg: Any, curated_dir: Path | None = None) -> Task:
+    """The task of `cfg.name` (a `config.TaskConfig`); the sanity task reads its curated training set from
+    `curated_dir`."""
     if cfg.name == "math":
         from nemo_dppo.data import MathTask
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 SPLITS = ("train", "eval")
+#: `task.name` values (`nemo_dppo.tasks.make_task`).
+TASK_NAMES = ("arithmetic", "sanity", "math")
 
 
 @dataclass(frozen=True)

@@ -48,8 +48,12 @@ class StepwiseAdditionTask:
         size = 10**num_digits
         pairs = [(a, b) for a in range(size) for b in range(size)]
         random.Random(f"sanity:{seed}").shuffle(pairs)
+        num_eval = min(num_eval, len(pairs) // 5)  # 1-digit operands: 100 problems, 20 held out
         if num_eval + num_candidates > len(pairs):
-            raise ValueError(f"num_eval + num_candidates exceeds the {len(pairs)} distinct problems")
+            raise ValueError(
+                f"task.curation_candidates={num_candidates} exceeds the {len(pairs) - num_eval} problems outside "
+                f"the eval split of {num_digits}-digit addition"
+            )
         self.num_digits = num_digits
         self._eval = [self._problem(a, b) for a, b in pairs[:num_eval]]
         self._candidates = [self._problem(a, b) for a, b in pairs[num_eval : num_eval + num_candidates]]
