@@ -195,6 +195,7 @@ def test_sweep_dry_run(tmp_path: Path) -> None:
     assert len(lines) == 4
     for line, preset in zip(lines, presets, strict=True):
         assert f"LOSS_MODE={preset} " in line and f"RUN_DIR={tmp_path / preset} " in line
+        assert "OVERRIDES='steps=5 threads=1'" in line  # jobs sharing a node's cores: one torch thread each
         assert line.endswith(
             f"sbatch --parsable --job-name=dppo-{preset} --output={tmp_path}/logs/slurm-%x-%j.out {SINGLE_NODE}"
         )

@@ -80,7 +80,7 @@ def submit(args: argparse.Namespace) -> int:
     for preset in presets:
         env = {
             "LOSS_MODE": preset,
-            "OVERRIDES": args.overrides,
+            "OVERRIDES": f"{args.overrides} threads={args.threads}".strip() if args.threads else args.overrides,
             "RUN_DIR": str(sweep_dir / preset),
             "LOG_DIR": str(sweep_dir / "logs"),
         }
@@ -94,6 +94,8 @@ def submit(args: argparse.Namespace) -> int:
         (sweep_dir / "logs").mkdir(parents=True, exist_ok=True)
         # The job gets this environment (sbatch's default --export=ALL) minus template parameters set here before.
         job_env = {k: v for k, v in os.environ.items() if k not in ("CONFIG", "RESUME", "WORKDIR")} | env
+        if args.threads:
+            job_env["OMP_NUM_THREADS"] = str(args.threads)
         done = subprocess.run(cmd, env=job_env, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             _write_manifest(sweep_dir, args, runs)
@@ -193,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     sp.add_argument("--config", default=None, help="CONFIG for every run (default: the template's)")
     sp.add_argument("--overrides", default="", help='OVERRIDES for every run, e.g. "steps=100 seed=1"')
+    sp.add_argument("--threads", type=int, default=1,
+                    help="torch threads per run (default 1: jobs sharing a node's cores each get one; 0: torch's "
+                         "default, for one run per node)")  # fmt: skip
     sp.add_argument("--sweep-dir", default=None, help="where the runs go (default runs/sweep-<date-time>)")
     sp.add_argument(
         "--sbatch-arg",
