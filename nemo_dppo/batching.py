@@ -13,10 +13,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from nemo_dppo.engines.base import RolloutSample
+from nemo_dppo.losses import MIN_LOGPROB
 from nemo_dppo.moe.router_replay import collate_routes
-
-#: Floor for log-probs of tokens that top-p removed from μ (exp(−1e4) == 0 in every float dtype).
-MIN_LOGPROB = -1e4
 
 
 @dataclass

@@ -21,7 +21,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from nemo_dppo.advantages import ADVANTAGE_ESTIMATORS
 from nemo_dppo.errors import UserError
-from nemo_dppo.losses import LossConfig, get_mode
+from nemo_dppo.losses import DEFAULT_TOPK, LossConfig, get_mode
 from nemo_dppo.tasks.base import TASK_NAMES
 
 #: Presets shipped with the project (conf/ next to the package in a source checkout / editable install).
@@ -29,8 +29,6 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DEFAULT_CONFIG = CONF_DIR / "tiny_cpu.yaml"
 
 DTYPES = ("fp32", "bf16", "fp16")
-#: Top-K size when a Top-K loss mode runs and `rollout.logprobs_topk` is unset (the paper's K = 20).
-DEFAULT_TOPK = 20
 RECOMPUTE_CHOICES = ("auto", "always", "never")
 
 

@@ -20,6 +20,8 @@ AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-
 RELAX_CHOICES = ("none", "low", "high", "both")
 DEFAULT_DELTA = {"tv": 0.15, "kl": 0.05}  # δ when delta_low / delta_high are unset, by divergence (spec "Defaults")
 LOG_RATIO_CLAMP = 20.0  # |log r| is clamped to this before exponentiation (spec "Notation")
+DEFAULT_TOPK = 20  # K of the Top-K modes when a run does not set it (spec "Defaults")
+MIN_LOGPROB = -1e4  # log μ kept for ids a rollout gives −inf (top-p): finite for the checks, exp() == 0 in any dtype
 PROB_FLOOR = 1e-12  # floor of a probability under a log or as a bucket mass (1 − p, "other"): finite at 0 and 1
 Count = float | torch.Tensor | None  # a token / sequence count: a number or a 0-dim tensor
 

@@ -34,12 +34,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from nemo_dppo.losses import LossConfig, get_mode
+from nemo_dppo.losses import DEFAULT_TOPK, LossConfig, get_mode
 from nemo_dppo.losses.aliases import resolve_mode_name
 from nemo_dppo.nemo_rl.key_errors import unknown_key_message
 
 #: K when `loss_fn.topk` is null and the mode needs Top-K (the paper's K).
-DEFAULT_TOPK = 20
 
 #: NeMo-RL's KL estimators (`calculate_kl`), used for the `gen_kl_error` metric; k3 is NeMo-RL's default.
 KL_TYPES = ("k1", "k2", "k3")

@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 
-#: log μ stored for ids vLLM reports at −inf (filtered by top-k / top-p): finite, so the loss core's input checks
-#: accept it, and exp(−1e4) = 0 in every divergence.
-LOGPROB_FLOOR = -1.0e4
+from nemo_dppo.losses import MIN_LOGPROB
+
+#: log μ stored for ids vLLM reports at −inf (filtered by top-k / top-p): the loss core's one floor.
+LOGPROB_FLOOR = MIN_LOGPROB
 
 
 def topk_with_sampled(entries: Mapping[int, Any], sampled_id: int, k: int) -> tuple[list[int], list[float]]:
