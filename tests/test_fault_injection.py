@@ -180,7 +180,9 @@ def _no_times(record: dict) -> dict:
 
 
 def _args(engine: str, run_dir: Path, cache: Path) -> list[str]:
-    return [*TINY_TEST_OVERRIDES, *ENGINES[engine], f"warm_start.cache_dir={cache}", f"run_dir={run_dir}"]
+    # `always`: the π_old phase exists (under `auto` the default mode skips it, and its kill would never fire)
+    return [*TINY_TEST_OVERRIDES, *ENGINES[engine], "train.recompute_old_logprobs=always",
+            f"warm_start.cache_dir={cache}", f"run_dir={run_dir}"]  # fmt: skip
 
 
 def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
