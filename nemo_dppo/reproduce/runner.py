@@ -14,12 +14,15 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from nemo_dppo.errors import UserError
 from nemo_dppo.reproduce.experiments import Experiment, Method
 
 OUTCOME_FILE = "outcome.json"
@@ -53,6 +56,19 @@ def plan(experiments: list[Experiment], seeds: int, learning_rates: tuple[float,
                     spec = RunSpec(method, lr, seed)
                     specs.setdefault(spec.key, spec)
     return list(specs.values())
+
+
+@contextmanager
+def _stopped_on_error(running: dict) -> Iterator[None]:
+    """Whatever stops the sweep (a failed run, Ctrl-C) also stops the runs still going; finished ones are kept."""
+    try:
+        yield
+    except BaseException:
+        for proc, _, log in running.values():
+            proc.terminate()
+            proc.wait()
+            log.close()
+        raise
 
 
 def read_outcome(run_dir: Path) -> dict | None:
@@ -102,7 +118,7 @@ class Sweep:
         queue, running = list(todo), {}
         columns = (TextColumn("[bold]reproduce"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
                    TextColumn("{task.fields[runs]}"), TimeElapsedColumn(), TimeRemainingColumn())  # fmt: skip
-        with Progress(*columns, console=self.console) as bar:
+        with Progress(*columns, console=self.console) as bar, _stopped_on_error(running):
             task = bar.add_task("sweep", total=len(todo) * self.steps, runs="")
             while queue or running:
                 while queue and len(running) < self.jobs:
@@ -138,7 +154,7 @@ class Sweep:
             status = "diverged"  # the trainer refused a non-finite loss or gradient: the run collapsed
         else:
             tail = errors[-1] if errors else (lines[-1] if lines else f"exit code {code}")
-            raise RuntimeError(f"reproduce: run {spec.key} failed ({tail}); its log: {run_dir / 'train.log'}")
+            raise UserError(f"reproduce: run {spec.key} failed ({tail}); its log: {run_dir / 'train.log'}")
         outcome = {"status": status, "error": errors[-1] if errors and status != "finished" else None,
                    "seconds": seconds, "steps": self._steps_done(spec), "command": self.command(spec)[3:]}  # fmt: skip
         (run_dir / OUTCOME_FILE).write_text(json.dumps(outcome, indent=1), encoding="utf-8")
