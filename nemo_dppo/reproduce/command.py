@@ -11,7 +11,7 @@ from rich.console import Console
 from nemo_dppo.config import CONF_DIR, load_config
 from nemo_dppo.errors import UserError
 from nemo_dppo.reproduce.analysis import GroupSummary, summarize_run
-from nemo_dppo.reproduce.experiments import EXPERIMENTS, get_experiment
+from nemo_dppo.reproduce.experiments import DEFAULT_LR, EXPERIMENTS, get_experiment
 from nemo_dppo.reproduce.figures import plot_experiment
 from nemo_dppo.reproduce.report import write_report
 from nemo_dppo.reproduce.runner import Sweep, plan, read_outcome
@@ -28,8 +28,7 @@ def reproduce(names: list[str], seeds: int, jobs: int | None, quick: bool, out: 
     extra = [*(QUICK_OVERRIDES if quick else []), *overrides]
     cfg = load_config(CONFIG, extra)  # one-line error for a bad override, before anything runs
     console = Console(stderr=True)
-    middle = (sorted(experiments[0].learning_rates)[len(experiments[0].learning_rates) // 2],) if quick else None
-    specs = plan(experiments, 1 if quick else seeds, middle)
+    specs = plan(experiments, 1 if quick else seeds, (DEFAULT_LR,) if quick else None)
     sweep = Sweep(out, CONFIG, extra, cfg.steps, jobs or os.cpu_count() or 1, console)
     todo = sweep.pending(specs)
     minutes = sweep.estimate_seconds(specs, todo) / 60
