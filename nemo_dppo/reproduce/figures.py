@@ -26,7 +26,7 @@ SMOOTH = 5
 
 
 def plot_experiment(experiment: Experiment, groups: dict[tuple[str, float], GroupSummary], out: Path) -> Path:
-    lrs = sorted({lr for (m, lr) in groups if any(m == x.name for x in experiment.methods)})
+    lrs = sorted(lr for lr in experiment.learning_rates if any(k[1] == lr for k in groups))
     rows, cols = max(len(lrs), 1), len(experiment.panels)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
     for r, lr in enumerate(lrs):

@@ -27,7 +27,7 @@ def experiment_table(experiment: Experiment, groups: dict[tuple[str, float], Gro
     head = "| method | lr | final train acc (mean ± sd) | min–max | peak mismatch k3 | collapsed (first step) |"
     head += "".join(f" {name} |" for name, _ in columns)
     lines = [head, "|" + "---|" * (6 + len(columns))]
-    for lr in sorted({lr for (m, lr) in groups if any(m == x.name for x in experiment.methods)}):
+    for lr in sorted(lr for lr in experiment.learning_rates if any(k[1] == lr for k in groups)):
         for method in experiment.methods:
             g = groups.get((method.name, lr))
             if g is None:
