@@ -39,19 +39,22 @@ def reproduce(names: list[str], seeds: int, jobs: int | None, quick: bool, out: 
     start = time.perf_counter()
     Trainer.initial_model_dir(cfg)  # the shared warm start (and curated set), once, before the runs start
     sweep.run(todo)
+    run_seconds = 0.0
     groups: dict[tuple[str, float], GroupSummary] = {}
     dirs: dict[tuple[str, float], list[Path]] = {}
     for spec in specs:
         run_dir = sweep.run_dir(spec)
         outcome = read_outcome(run_dir) or {"status": "missing"}
+        run_seconds += float(outcome.get("seconds", 0.0))
         summary = summarize_run(run_dir, spec.method.name, spec.lr, spec.seed, outcome["status"], cfg.steps)
         groups.setdefault((spec.method.name, spec.lr), GroupSummary(spec.method.name, spec.lr, [])).runs.append(summary)
         dirs.setdefault((spec.method.name, spec.lr), []).append(run_dir)
     for experiment in experiments:
         plot_experiment(experiment, groups, out)
     header = [f"{len(specs)} runs, {1 if quick else seeds} seed(s), {cfg.steps} steps each, config "
-              f"`conf/reproduce.yaml` + `{' '.join(extra) or 'no overrides'}`; sweep wall time "
-              f"{(time.perf_counter() - start) / 60:.1f} min with {sweep.jobs} parallel runs."]  # fmt: skip
+              f"`conf/reproduce.yaml` + `{' '.join(extra) or 'no overrides'}`; the runs took {run_seconds / 60:.0f} "
+              f"min of wall time in all (run side by side, {sweep.jobs} at a time, one thread each); this call "
+              f"{(time.perf_counter() - start) / 60:.1f} min."]  # fmt: skip
     if quick:
         header.append("**--quick**: 4 steps per run; this checks the machinery, not the science.")
     report = write_report(out, experiments, groups, all_verdicts(groups), dirs, header)
