@@ -33,6 +33,7 @@ PARAMETERS = ("CONFIG", "LOSS_MODE", "OVERRIDES", "CONTAINER", "MOUNTS", "GPUS_P
 PARAMETERS += ("ENTRY", "LOG_DIR", "WORKDIR", "REQUEUE", "PROJECT_DIR", "RAY_PORT", "RAY_TIMEOUT", "RAY_START_ARGS")
 #: A few seconds per step on 2 cores.
 TINY = (
+    "task.name=arithmetic eval.k=0 "  # the default config file is the sanity task; these jobs test the plumbing
     "save_every=2 eval_every=2 progress=false model.hidden_size=64 task.num_digits=1 task.num_eval_prompts=8 "
     "warm_start.steps=30 rollout.n=4 rollout.max_new_tokens=4 train.prompts_per_step=4 train.mini_batches=2"
 )
