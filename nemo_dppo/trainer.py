@@ -129,7 +129,8 @@ class Trainer:
                     batch = replace(batch, old_logprobs=old.token.logprobs)
                     on_policy = on_policy_metrics(batch, old)
             with timed(timings, "train"):
-                train_metrics, dropped = self.update(batch, step, on_policy)
+                train_metrics, dropped, first = self.update(batch, step)
+            on_policy = on_policy or on_policy_metrics(first[0], first[1])  # no recompute: the first mini-batch
             with timed(timings, "sync"):
                 weights = self.train_engine.hf_state_dict()  # collective on a multi-rank job
                 if self.rollout_engine is not None:
@@ -183,26 +184,22 @@ class Trainer:
             "response/truncated_frac": float(sum(not s.finished for s in samples) / len(samples)),
         }
 
-    def update(
-        self, batch: RolloutBatch, step: int, on_policy: dict[str, float]
-    ) -> tuple[dict[str, float], DroppedTokens]:
-        """`train.mini_batches` optimizer steps over a seeded shuffle of the batch; metrics averaged.
-
-        Without a π_old recompute, `on_policy` is filled from the first mini-batch's forward (before any update).
-        """
+    def update(self, batch: RolloutBatch, step: int) -> tuple[dict[str, float], DroppedTokens, tuple]:
+        """`train.mini_batches` optimizer steps over a seeded shuffle of the batch; metrics averaged. Also returns
+        the dropped tokens and (first mini-batch, its forward): taken before any update, that forward is π_old."""
         n = batch.num_sequences
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + step))
         size = n // self.cfg.train.mini_batches
         dropped = DroppedTokens()
-        per_minibatch = []
+        per_minibatch, first = [], None
         for i in range(0, n, size):
             minibatch = batch.select(order[i : i + size])
             result = self.train_engine.train_step(minibatch, self.cfg.loss)
-            if not on_policy:
-                on_policy.update(on_policy_metrics(minibatch, result.forward))
+            first = first or (minibatch, result.forward)
             count_dropped(dropped, minibatch, result.forward, self.cfg.loss)
             per_minibatch.append(result.metrics)
-        return average_metrics(per_minibatch), dropped
+        assert first is not None
+        return average_metrics(per_minibatch), dropped, first
 
     def _decoded_counts(self, ids: Counter) -> dict[str, int]:
         return {self.tokenizer.convert_ids_to_tokens(int(i)): c for i, c in ids.most_common()}
